@@ -1,0 +1,152 @@
+"""The contract every store implements: a few atomic operations, nothing else.
+
+Policy (blocking, deadlines, renewal timing, tokens, hooks) lives in :mod:`celery_exclusive.lease`
+and :mod:`celery_exclusive.renewal`. A backend does one atomic thing per method, in one round
+trip where the store allows, and never offers a check-then-set fallback: a store that cannot do
+an operation atomically does not get a backend.
+
+Times cross this boundary as seconds (``float``); a backend converts to its wire unit. Expiry is
+judged by the store's own clock wherever the store has one, never by the caller's.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Backend", "Conflict", "Grant", "Holder", "LeaseInfo", "RenewRequest"]
+
+#: How long a key's fence counter outlives its last grant. Fences are seeded from the store's
+#: clock in microseconds when a counter is created, so a counter that expired and is created
+#: again still starts above every fence it ever handed out (see ``docs/fencing.md``).
+DEFAULT_FENCE_RETENTION = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One current holder of a key, as the store reports it."""
+
+    token: str
+    fence: int
+    #: Seconds until this holder's lease expires (store clock).
+    expires_in: float
+    #: Unix time (store clock) of the grant and of the last renewal.
+    acquired_at: float
+    renewed_at: float
+    #: What the holder said about itself: task id and name, worker node, host, pid, ...
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict (for the CLI, logs and exceptions)."""
+        return {
+            "token": self.token,
+            "fence": self.fence,
+            "expires_in": round(self.expires_in, 3),
+            "acquired_at": self.acquired_at,
+            "renewed_at": self.renewed_at,
+            **{k: v for k, v in self.meta.items() if k not in {"token", "fence"}},
+        }
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A successful acquire: the fence number of this grant."""
+
+    fence: int
+    #: True when the same token already held the key (the same owner asked again).
+    reentered: bool = False
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A refused acquire: who holds the key and when the earliest holder expires."""
+
+    holders: Sequence[Holder]
+    #: Seconds until the earliest current holder's lease expires (store clock).
+    retry_in: float
+
+
+@dataclass(frozen=True)
+class RenewRequest:
+    """One lease to renew in a :meth:`Backend.renew` batch."""
+
+    key: str
+    token: str
+    ttl: float
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """A key with at least one live holder, for listings."""
+
+    key: str
+    holders: Sequence[Holder]
+
+
+class Backend(abc.ABC):
+    """Atomic lease operations on one store.
+
+    Implementations must be safe to call from several threads of one process and must
+    reconnect by themselves in a forked child (each process gets its own connections).
+    """
+
+    #: The URL scheme(s) this backend answers to, for messages.
+    scheme: str = ""
+
+    @abc.abstractmethod
+    def acquire(
+        self, key: str, token: str, *, ttl: float, limit: int, meta: str
+    ) -> Grant | Conflict:
+        """Grant ``key`` to ``token`` if fewer than ``limit`` live holders hold it.
+
+        ``meta`` is the holder's metadata as compact JSON text. A token that already holds the
+        key gets its expiry extended and its existing fence back (``reentered=True``). Expired
+        holders are dropped in the same step.
+        """
+
+    @abc.abstractmethod
+    def release(self, key: str, token: str) -> bool:
+        """Remove ``token``'s hold on ``key`` and wake one waiter.
+
+        Return True only if ``token`` held a live lease; never touch another token's lease.
+        """
+
+    @abc.abstractmethod
+    def renew(self, requests: Sequence[RenewRequest]) -> list[bool]:
+        """Extend every lease in ``requests`` that its token still holds, in one round trip.
+
+        Return one bool per request: False means the lease is gone (expired, released, or
+        force-released) and must be treated as lost.
+        """
+
+    @abc.abstractmethod
+    def wait(self, key: str, timeout: float) -> bool:
+        """Block until a release of ``key`` is signalled or ``timeout`` seconds pass.
+
+        Return True when woken by a signal. Spurious wake-ups are allowed (the caller
+        re-checks); missing a release is not, beyond ``timeout``.
+        """
+
+    @abc.abstractmethod
+    def holders(self, key: str) -> list[Holder]:
+        """Return the live holders of ``key`` (empty when free)."""
+
+    @abc.abstractmethod
+    def scan(self, match: str | None = None) -> Iterator[LeaseInfo]:
+        """Yield every key with live holders, optionally filtered by a glob ``match``.
+
+        Must not block the store (no ``KEYS``-style full scans in one call).
+        """
+
+    @abc.abstractmethod
+    def force_release(self, key: str, token: str | None = None) -> int:
+        """Remove ``token``'s hold (or every hold when None) on ``key``; return how many."""
+
+    def close(self) -> None:  # noqa: B027 (optional hook, most backends have nothing to do)
+        """Release connections held by this backend."""
+
+    def describe(self) -> str:
+        """Return a short, password-free description of the store for messages."""
+        return self.scheme or type(self).__name__

@@ -1,0 +1,26 @@
+-- renew: extend many leases in one round trip.
+--
+-- KEYS[1..N]   lease hashes (see acquire.lua)
+-- ARGV[1..N]   the owner token for each key
+-- ARGV[N+1..2N] the new ttl in ms for each key
+--
+-- Returns a list of N integers: 1 renewed, 0 lost (gone, expired, or held by another token).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = #KEYS
+local out = {}
+for i = 1, n do
+  local val = redis.call('HGET', KEYS[i], ARGV[i])
+  out[i] = 0
+  if val then
+    local exp, fence, acquired, meta = string.match(val, '^(%d+)|(%d+)|(%d+)|%d+|(.*)$')
+    if tonumber(exp) > now then
+      local ttl = tonumber(ARGV[n + i])
+      redis.call('HSET', KEYS[i], ARGV[i],
+        string.format('%d|%s|%s|%d|', now + ttl, fence, acquired, now) .. meta)
+      if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+      out[i] = 1
+    end
+  end
+end
+return out

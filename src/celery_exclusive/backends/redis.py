@@ -1,0 +1,331 @@
+"""Redis and Valkey backend: one Lua script per operation, one round trip each.
+
+Keys of one lease share a hash tag, so the backend works on Redis Cluster too::
+
+    exclusive:{<key>}:lease    hash, one field per holder token (exists only while held)
+    exclusive:{<key>}:fence    fence counter (expires ``fence_retention`` after its last grant)
+    exclusive:{<key>}:signal   waiters BLPOP it; a release pushes (expires within seconds)
+
+Expiry is judged by the Redis server's clock (``TIME`` inside the scripts), never the
+worker's. Works on Redis 6.2+ and Valkey: standalone, Sentinel and Cluster, plain or TLS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from ..exceptions import BackendError, ConfigurationError
+from .base import (
+    DEFAULT_FENCE_RETENTION,
+    Backend,
+    Conflict,
+    Grant,
+    Holder,
+    LeaseInfo,
+    RenewRequest,
+)
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = ["RedisBackend"]
+
+logger = logging.getLogger(__name__)
+
+#: A release signal nobody took is dropped after this many ms; a waiter that missed it
+#: notices the release at its next capped re-check instead.
+SIGNAL_TTL_MS = 5_000
+
+#: The default socket timeout for clients built from a URL: a store that stops answering must
+#: not hang the renewal thread, which then could not report the lease as lost.
+DEFAULT_SOCKET_TIMEOUT = 10.0
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ConfigurationError(
+            "the Redis store needs redis-py: pip install 'celery-exclusive[redis]'"
+        ) from exc
+    return redis
+
+
+def _load_script(name: str) -> str:
+    return (resources.files(__package__) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+
+
+class RedisBackend(Backend):
+    """Leases in Redis or Valkey.
+
+    Build it from a URL with :func:`celery_exclusive.connect` or pass your own client::
+
+        store = connect("redis://localhost:6379/0")
+        store = connect(redis.Redis(...))          # or redis.cluster.RedisCluster(...)
+    """
+
+    scheme = "redis"
+
+    def __init__(
+        self,
+        client: redis.Redis | Any,
+        *,
+        prefix: str = "exclusive",
+        fence_retention: float = DEFAULT_FENCE_RETENTION,
+        description: str | None = None,
+    ) -> None:
+        redis = _import_redis()
+        self.client = client
+        self.prefix = prefix
+        self.fence_retention_ms = int(fence_retention * 1000)
+        self._description = description or "redis"
+        self._cluster = isinstance(client, redis.cluster.RedisCluster)
+        self._socket_timeout = self._client_socket_timeout(client)
+        self._scripts = {
+            name: client.register_script(_load_script(name))
+            for name in ("acquire", "release", "renew", "holders", "force_release")
+        }
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._lock = threading.Lock()
+
+    # -- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisBackend:
+        """Build a backend from a ``redis://``, ``rediss://``, ``unix://``,
+        ``redis+sentinel://`` or ``redis+cluster://`` URL.
+
+        Sentinel: ``redis+sentinel://[:password@]host:port[,host:port...]/service/db``.
+        Cluster: ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster`` for TLS).
+        Query parameters ``prefix``, ``socket_timeout`` and ``fence_retention`` are ours;
+        others go to redis-py.
+        """
+        redis = _import_redis()
+        parts = urlsplit(url)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        prefix = query.pop("prefix", options.pop("prefix", "exclusive"))
+        retention = float(query.pop("fence_retention", DEFAULT_FENCE_RETENTION))
+        timeout = float(query.pop("socket_timeout", DEFAULT_SOCKET_TIMEOUT))
+        desc = _redact(url)
+        kwargs: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": min(timeout, 5.0),
+            "health_check_interval": 30,
+            **options,
+        }
+        scheme = parts.scheme
+        try:
+            if scheme in ("redis+sentinel", "rediss+sentinel", "sentinel"):
+                client = _sentinel_client(redis, parts, query, kwargs)
+            elif scheme in ("redis+cluster", "rediss+cluster"):
+                hosts = _hosts(parts.netloc.rpartition("@")[2], 6379)
+                nodes = [redis.cluster.ClusterNode(h, p) for h, p in hosts]
+                if parts.password:
+                    kwargs["password"] = unquote(parts.password)
+                if scheme.startswith("rediss"):
+                    kwargs["ssl"] = True
+                kwargs.pop("health_check_interval", None)
+                client = redis.cluster.RedisCluster(startup_nodes=nodes, **kwargs)
+            else:
+                plain = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items()))
+                client = redis.Redis.from_url(plain.geturl(), **kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(f"invalid Redis URL {desc!r}: {exc}") from exc
+        except redis.RedisError as exc:
+            raise BackendError(f"could not connect to {desc}: {exc}") from exc
+        return cls(client, prefix=prefix, fence_retention=retention, description=desc)
+
+    @staticmethod
+    def _client_socket_timeout(client: Any) -> float | None:
+        try:
+            kwargs = client.connection_pool.connection_kwargs
+        except AttributeError:  # a cluster client has one pool per node
+            kwargs = getattr(client, "nodes_manager", None)
+            kwargs = getattr(kwargs, "connection_kwargs", {}) if kwargs else {}
+        value = kwargs.get("socket_timeout")
+        return float(value) if value else None
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def _k(self, key: str, part: str) -> str:
+        return f"{self.prefix}:{{{key}}}:{part}"
+
+    # -- the contract ---------------------------------------------------------------------
+
+    def acquire(
+        self, key: str, token: str, *, ttl: float, limit: int, meta: str
+    ) -> Grant | Conflict:
+        retention = max(self.fence_retention_ms, _ms(ttl) * 2)
+        reply = self._call(
+            "acquire",
+            [self._k(key, "lease"), self._k(key, "fence")],
+            [token, _ms(ttl), limit, meta, retention],
+        )
+        if int(reply[0]) == 1:
+            return Grant(fence=int(reply[1]), reentered=bool(int(reply[2])))
+        retry_in = max(int(reply[1]), 0) / 1000.0
+        holders = _parse_holders(reply[3:], int(reply[2]))
+        return Conflict(holders=holders, retry_in=retry_in)
+
+    def release(self, key: str, token: str) -> bool:
+        reply = self._call(
+            "release", [self._k(key, "lease"), self._k(key, "signal")], [token, SIGNAL_TTL_MS]
+        )
+        return bool(int(reply))
+
+    def renew(self, requests: Sequence[RenewRequest]) -> list[bool]:
+        if not requests:
+            return []
+        if not self._cluster:
+            keys = [self._k(r.key, "lease") for r in requests]
+            args: list[Any] = [r.token for r in requests] + [_ms(r.ttl) for r in requests]
+            return [bool(int(x)) for x in self._call("renew", keys, args)]
+        # Cluster: a script may only touch keys of one slot, so send one call per lease in a
+        # pipeline; redis-py sends one batch per node.
+        script = self._scripts["renew"]
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for r in requests:
+                script(keys=[self._k(r.key, "lease")], args=[r.token, _ms(r.ttl)], client=pipe)
+            replies = pipe.execute()
+        except self._errors as exc:
+            raise BackendError(f"renew on {self._description} failed: {exc}") from exc
+        return [bool(int(reply[0])) for reply in replies]
+
+    def wait(self, key: str, timeout: float) -> bool:
+        if timeout <= 0:
+            return False
+        if self._socket_timeout is not None:
+            # A blocking read longer than the socket timeout would fail; wait in slices.
+            timeout = min(timeout, max(self._socket_timeout - 0.5, 0.1))
+        try:
+            reply = self.client.blpop([self._k(key, "signal")], timeout=max(timeout, 0.01))
+        except self._errors as exc:
+            raise BackendError(f"wait on {self._description} failed: {exc}") from exc
+        return reply is not None
+
+    def holders(self, key: str) -> list[Holder]:
+        reply = self._call("holders", [self._k(key, "lease")], [])
+        return _parse_holders(reply[1:], int(reply[0]))
+
+    def scan(self, match: str | None = None) -> Iterator[LeaseInfo]:
+        pattern = self._k(match or "*", "lease")
+        start, end = len(self.prefix) + 2, -len("}:lease")
+        try:
+            for raw in self.client.scan_iter(match=pattern, count=500, _type="hash"):
+                name = raw.decode() if isinstance(raw, bytes) else str(raw)
+                key = name[start:end]
+                found = self.holders(key)
+                if found:
+                    yield LeaseInfo(key=key, holders=found)
+        except self._errors as exc:
+            raise BackendError(f"scan on {self._description} failed: {exc}") from exc
+
+    def force_release(self, key: str, token: str | None = None) -> int:
+        reply = self._call(
+            "force_release",
+            [self._k(key, "lease"), self._k(key, "signal")],
+            [token or "", SIGNAL_TTL_MS],
+        )
+        return int(reply)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except self._errors:  # closing a broken connection is not worth an error
+            logger.debug("closing %s failed", self._description, exc_info=True)
+
+    def describe(self) -> str:
+        return self._description
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return self._scripts[name](keys=keys, args=args)
+        except self._errors as exc:
+            raise BackendError(f"{name} on {self._description} failed: {exc}") from exc
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _parse_holders(flat: Sequence[Any], now_ms: int) -> list[Holder]:
+    """Parse ``token, value, ...`` pairs read at server time ``now_ms``; drop expired ones."""
+    holders = []
+    for i in range(0, len(flat) - 1, 2):
+        token = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])
+        value = flat[i + 1].decode() if isinstance(flat[i + 1], bytes) else str(flat[i + 1])
+        exp, fence, acquired, renewed, meta = value.split("|", 4)
+        if int(exp) <= now_ms:
+            continue
+        try:
+            meta_obj = json.loads(meta) if meta else {}
+        except ValueError:
+            meta_obj = {"raw": meta}
+        holders.append(
+            Holder(
+                token=token,
+                fence=int(fence),
+                expires_in=(int(exp) - now_ms) / 1000.0,
+                acquired_at=int(acquired) / 1000.0,
+                renewed_at=int(renewed) / 1000.0,
+                meta=meta_obj if isinstance(meta_obj, dict) else {"meta": meta_obj},
+            )
+        )
+    return holders
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc, query="").geturl()
+    return parts._replace(query="").geturl()
+
+
+def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
+    hosts = []
+    for item in netloc.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host:
+            host, port = port, str(default_port)
+        try:
+            hosts.append((host.strip("[]"), int(port)))
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid host:port {item!r} in Redis URL") from exc
+    if not hosts or not all(h for h, _ in hosts):
+        raise ConfigurationError("a Redis URL must name at least one host")
+    return hosts
+
+
+def _sentinel_client(redis: Any, parts: Any, query: dict[str, str], kwargs: dict[str, Any]) -> Any:
+    from redis.sentinel import Sentinel
+
+    creds, _, hostlist = parts.netloc.rpartition("@")
+    password = unquote(creds.partition(":")[2]) if creds else None
+    sentinels = _hosts(hostlist, 26379)
+    path = [p for p in parts.path.split("/") if p]
+    service = query.pop("service_name", path[0] if path else "")
+    if not service:
+        raise ConfigurationError(
+            "a Sentinel URL must name the service: redis+sentinel://host:26379/mymaster/0"
+        )
+    db = int(path[1]) if len(path) > 1 else int(query.pop("db", "0"))
+    sentinel_password = query.pop("sentinel_password", None)
+    ssl = parts.scheme.startswith("rediss")
+    sentinel_kwargs = {"socket_timeout": kwargs["socket_timeout"]}
+    if sentinel_password:
+        sentinel_kwargs["password"] = sentinel_password
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        sentinels, sentinel_kwargs=sentinel_kwargs, ssl=ssl, **kwargs
+    )
+    return sentinel.master_for(service, db=db, password=password)  # type: ignore[no-untyped-call]

@@ -1,0 +1,99 @@
+"""Errors raised by celery-exclusive.
+
+Every error derives from one root, so ``except ExclusiveError`` catches all of them::
+
+    ExclusiveError
+    ├── ConfigurationError      bad settings, URL, option or argument (also a ValueError)
+    ├── KeyArgumentError        an argument that cannot be made into a key (also a TypeError)
+    ├── BackendError            the store failed or could not be reached (wraps the driver error)
+    └── LeaseError              something about one lease (has ``.key``)
+        ├── AlreadyHeld         the key is held by someone else (has ``.holder``)
+        │   ├── AlreadyRunning  Celery: another run of the task holds the key
+        │   └── AlreadyQueued   Celery: a copy of the task is already queued
+        ├── Timeout             a blocking acquire gave up (has ``.timeout``)
+        └── LeaseLost           a lease we held expired or was taken away
+
+Errors carry structured attributes rather than only a message, so callers can act on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "AlreadyHeld",
+    "AlreadyQueued",
+    "AlreadyRunning",
+    "BackendError",
+    "ConfigurationError",
+    "ExclusiveError",
+    "KeyArgumentError",
+    "LeaseError",
+    "LeaseLost",
+    "Timeout",
+]
+
+
+class ExclusiveError(Exception):
+    """Root of every error raised by celery-exclusive."""
+
+
+class ConfigurationError(ExclusiveError, ValueError):
+    """A setting, URL, option or argument is invalid."""
+
+
+class KeyArgumentError(ExclusiveError, TypeError):
+    """An argument's value cannot be turned into a stable key.
+
+    ``argument`` names the argument and ``value_type`` is the offending type's name.
+    """
+
+    def __init__(self, message: str, *, argument: str | None = None, value_type: str = "") -> None:
+        super().__init__(message)
+        self.argument = argument
+        self.value_type = value_type
+
+
+class BackendError(ExclusiveError):
+    """The store failed or could not be reached; ``__cause__`` is the driver's error."""
+
+
+class LeaseError(ExclusiveError):
+    """An error about one lease; ``key`` names it."""
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class AlreadyHeld(LeaseError):
+    """The key is held by another owner.
+
+    ``holder`` is the holder's metadata as the store reported it (may be empty when the
+    store cannot tell).
+    """
+
+    def __init__(self, message: str, *, key: str, holder: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message, key=key)
+        self.holder: dict[str, Any] = dict(holder or {})
+
+
+class AlreadyRunning(AlreadyHeld):
+    """Another run of this task holds the execution lease."""
+
+
+class AlreadyQueued(AlreadyHeld):
+    """A copy of this task is already queued (or running) under the same key."""
+
+
+class Timeout(LeaseError):
+    """A blocking acquire did not get the key within ``timeout`` seconds."""
+
+    def __init__(self, message: str, *, key: str, timeout: float | None) -> None:
+        super().__init__(message, key=key)
+        self.timeout = timeout
+
+
+class LeaseLost(LeaseError):
+    """A lease we held expired or was taken away while we still relied on it."""

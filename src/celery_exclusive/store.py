@@ -1,0 +1,223 @@
+"""Stores: :func:`connect` turns a URL (or a client) into a :class:`Store` that hands out leases.
+
+Schemes::
+
+    redis://[:password@]host:6379/0          Redis or Valkey (rediss:// for TLS, unix:// socket)
+    redis+sentinel://host:26379,host2:26379/mymaster/0
+    redis+cluster://host:7000,host2:7001     Redis Cluster (rediss+cluster:// for TLS)
+    memory://[name]                          this process only: for your unit tests
+
+A redis-py ``Redis`` or ``RedisCluster`` object may be passed instead of a URL.
+Nothing touches the network until the first operation.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from .backends.base import Backend, Holder, LeaseInfo
+from .exceptions import ConfigurationError
+from .lease import Lease
+from .renewal import Renewer, get_renewer
+
+__all__ = ["DEFAULT_TTL", "MAX_KEY_LENGTH", "Store", "connect"]
+
+DEFAULT_TTL = 30.0
+MAX_KEY_LENGTH = 512
+_BAD_KEY = re.compile(r"[\s{}\x00-\x1f\x7f]")
+
+_memory_stores: dict[str, Backend] = {}
+_memory_lock = threading.Lock()
+
+
+def validate_key(key: object) -> str:
+    """Return ``key`` if it is usable as a lease key, else raise a clear error."""
+    if not isinstance(key, str):
+        raise ConfigurationError(f"a lease key must be a str, not {type(key).__name__}")
+    if not key:
+        raise ConfigurationError("a lease key must not be empty")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ConfigurationError(
+            f"a lease key must be at most {MAX_KEY_LENGTH} characters, not {len(key)}; "
+            "hash long values (celery_exclusive.keys does this for task arguments)"
+        )
+    bad = _BAD_KEY.search(key)
+    if bad:
+        raise ConfigurationError(
+            f"a lease key must not contain whitespace, control characters or braces "
+            f"(found {bad.group()!r} in {key!r})"
+        )
+    return key
+
+
+def _seconds(name: str, value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(f"{name} must be a number of seconds > 0, not {value!r}")
+    return float(value)
+
+
+def _optional_seconds(name: str, value: object) -> float | None:
+    return None if value is None else _seconds(name, value)
+
+
+class Store:
+    """A lease store: one backend plus the defaults for the leases it hands out.
+
+    ::
+
+        store = connect("redis://localhost:6379/0")
+        with store.lease("nightly-sync"):
+            ...
+        for info in store.leases():
+            print(info.key, info.holders[0].meta)
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        default_ttl: float = DEFAULT_TTL,
+        renewer: Renewer | None = None,
+    ) -> None:
+        self.backend = backend
+        self.default_ttl = _seconds("default_ttl", default_ttl)
+        self._renewer = renewer
+
+    @property
+    def renewer(self) -> Renewer:
+        """The renewer this store's leases use (this process's shared one by default)."""
+        return self._renewer if self._renewer is not None else get_renewer()
+
+    def lease(
+        self,
+        key: str,
+        *,
+        ttl: float | None = None,
+        limit: int = 1,
+        meta: Mapping[str, Any] | None = None,
+        token: str | None = None,
+        max_hold: float | None = None,
+        blocking: bool = False,
+        timeout: float | None = None,
+        auto_renew: bool = True,
+        on_lost: Callable[[Lease, str], object] | None = None,
+    ) -> Lease:
+        """Return a :class:`Lease` on ``key`` (not yet acquired).
+
+        ``ttl``: seconds a grant lasts without renewal (default 30). ``limit``: how many
+        holders at once (1: a lock; N: a semaphore). ``meta``: JSON-able facts about the
+        holder, shown by listings (host and pid are added). ``token``: the owner token
+        (random by default; the same token asking again is the same owner). ``max_hold``:
+        stop renewing after this many seconds. ``blocking``/``timeout``: how ``with`` acquires.
+        ``auto_renew``: renew in the background while held. ``on_lost``: called with
+        ``(lease, reason)`` when renewal finds the lease gone.
+        """
+        validate_key(key)
+        ttl_s = _seconds("ttl", self.default_ttl if ttl is None else ttl)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigurationError(f"limit must be an int >= 1, not {limit!r}")
+        if meta is not None and not isinstance(meta, Mapping):
+            raise ConfigurationError(f"meta must be a mapping, not {type(meta).__name__}")
+        if token is not None and (not isinstance(token, str) or not token or "|" in token):
+            raise ConfigurationError(f"token must be a non-empty str without '|', not {token!r}")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+            raise ConfigurationError(f"timeout must be a number >= 0 or None, not {timeout!r}")
+        return Lease(
+            self.backend,
+            key,
+            ttl=ttl_s,
+            limit=limit,
+            meta=meta,
+            token=token,
+            max_hold=_optional_seconds("max_hold", max_hold),
+            blocking=blocking,
+            timeout=timeout,
+            auto_renew=auto_renew,
+            on_lost=on_lost,
+            renewer=self.renewer,
+        )
+
+    def holders(self, key: str) -> list[Holder]:
+        """Return the live holders of ``key`` (empty when free)."""
+        return self.backend.holders(validate_key(key))
+
+    def leases(self, match: str | None = None) -> Iterator[LeaseInfo]:
+        """Yield every held key (optionally filtered by a glob) with its holders."""
+        return self.backend.scan(match)
+
+    def force_release(self, key: str, token: str | None = None) -> int:
+        """Remove one holder (by token) or all holders of ``key``; return how many.
+
+        For operators: the holder is not told, and its next renewal reports the lease lost.
+        """
+        return self.backend.force_release(validate_key(key), token)
+
+    def close(self) -> None:
+        """Close the store's connections."""
+        self.backend.close()
+
+    def __repr__(self) -> str:
+        return f"<Store {self.backend.describe()}>"
+
+
+def connect(url: str | Any, *, default_ttl: float = DEFAULT_TTL, **options: Any) -> Store:
+    """Return a :class:`Store` for ``url`` (see the module docs for the schemes).
+
+    ``url`` may also be a redis-py client. Extra ``options`` go to the backend (for Redis:
+    the ``prefix`` of every key, and redis-py connection options).
+    """
+    if isinstance(url, Backend):
+        return Store(url, default_ttl=default_ttl)
+    if not isinstance(url, str):
+        return Store(_backend_for_client(url, options), default_ttl=default_ttl)
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme:
+        raise ConfigurationError(
+            f"not a store URL: {url!r}; expected e.g. redis://localhost:6379/0 or memory://"
+        )
+    scheme = scheme.lower()
+    if scheme == "memory":
+        from .backends.memory import MemoryBackend
+
+        name = rest.strip("/")
+        with _memory_lock:
+            backend = _memory_stores.get(name) if name else None
+            if backend is None:
+                backend = MemoryBackend(name=name)
+                if name:
+                    _memory_stores[name] = backend
+        return Store(backend, default_ttl=default_ttl)
+    if scheme in {
+        "redis", "rediss", "unix", "valkey", "valkeys",
+        "redis+sentinel", "rediss+sentinel", "sentinel",
+        "redis+cluster", "rediss+cluster",
+    }:  # fmt: skip
+        from .backends.redis import RedisBackend
+
+        if scheme.startswith("valkey"):
+            url = "redis" + url[len("valkey") :]
+        return Store(RedisBackend.from_url(url, **options), default_ttl=default_ttl)
+    raise ConfigurationError(
+        f"unknown store scheme {scheme!r} in {url.split('@')[-1]!r}; "
+        "supported: redis, rediss, unix, redis+sentinel, redis+cluster, memory"
+    )
+
+
+def _backend_for_client(client: Any, options: dict[str, Any]) -> Backend:
+    module = type(client).__module__
+    if module.startswith(("redis", "valkey")):
+        from .backends.redis import RedisBackend
+
+        return RedisBackend(client, **options)
+    raise ConfigurationError(
+        f"connect() takes a URL or a redis-py client, not {type(client).__name__}"
+    )

