@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,10 +22,30 @@ from pathlib import Path
 import redis
 
 
-def free_port() -> int:
+class GaveUp(Exception):
+    """Raised by a condition to stop ``wait_until`` at once (e.g. the process died)."""
+
+
+def _is_free(port: int) -> bool:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(*, with_bus: bool = False) -> int:
+    """A free loopback port; ``with_bus``: also port+10000 (Redis Cluster's bus port)."""
+    if not with_bus:
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        if _is_free(port) and _is_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def wait_until(
@@ -36,6 +57,8 @@ def wait_until(
         try:
             if condition():
                 return
+        except GaveUp:
+            raise
         except Exception:
             pass
         if time.monotonic() > deadline:
@@ -100,7 +123,7 @@ class RedisServer:
         assert self.proc is not None
         if self.proc.poll() is not None:
             log = Path(self.dir, "redis.log")
-            raise RuntimeError(f"redis-server exited: {log.read_text() if log.exists() else ''}")
+            raise GaveUp(f"redis-server exited: {log.read_text() if log.exists() else ''}")
         with self.client(socket_connect_timeout=0.5) as c:
             return bool(c.ping())
 
@@ -132,7 +155,13 @@ class RedisCluster:
 
     def __init__(self, size: int = 3) -> None:
         self.nodes = [
-            RedisServer("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+            RedisServer(
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+                port=free_port(with_bus=True),
+            )  # fmt: skip
             for _ in range(size)
         ]
         for node in self.nodes:
@@ -158,11 +187,9 @@ class RedisCluster:
             for node in self.nodes:
                 with node.client() as c:
                     info = c.execute_command("CLUSTER INFO")
-                    text = info.decode() if isinstance(info, bytes) else str(info)
-                    if (
-                        "cluster_state:ok" not in text
-                        or f"cluster_known_nodes:{len(self.nodes)}" not in text
-                    ):
+                    if info.get("cluster_state") != "ok":
+                        return False
+                    if int(info.get("cluster_known_nodes", 0)) != len(self.nodes):
                         return False
             return True
 

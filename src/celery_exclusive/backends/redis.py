@@ -88,11 +88,16 @@ class RedisBackend(Backend):
         self._description = description or "redis"
         self._cluster = isinstance(client, redis.cluster.RedisCluster)
         self._socket_timeout = self._client_socket_timeout(client)
-        self._scripts = {
-            name: client.register_script(_load_script(name))
+        self._sources = {
+            name: _load_script(name)
             for name in ("acquire", "release", "renew", "holders", "force_release")
         }
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._scripts = {name: client.register_script(src) for name, src in self._sources.items()}
+        self._errors: tuple[type[BaseException], ...] = (
+            redis.RedisError,
+            redis.exceptions.RedisClusterException,
+            OSError,
+        )
         self._lock = threading.Lock()
 
     # -- construction -------------------------------------------------------------------
@@ -138,7 +143,8 @@ class RedisBackend(Backend):
                 client = redis.Redis.from_url(plain.geturl(), **kwargs)
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(f"invalid Redis URL {desc!r}: {exc}") from exc
-        except redis.RedisError as exc:
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            # RedisCluster connects while it is built, to learn the slot map.
             raise BackendError(f"could not connect to {desc}: {exc}") from exc
         return cls(client, prefix=prefix, fence_retention=retention, description=desc)
 
@@ -187,17 +193,27 @@ class RedisBackend(Backend):
             keys = [self._k(r.key, "lease") for r in requests]
             args: list[Any] = [r.token for r in requests] + [_ms(r.ttl) for r in requests]
             return [bool(int(x)) for x in self._call("renew", keys, args)]
-        # Cluster: a script may only touch keys of one slot, so send one call per lease in a
-        # pipeline; redis-py sends one batch per node.
-        script = self._scripts["renew"]
+        # Cluster: a script may only touch keys of one slot, and redis-py refuses EVALSHA in
+        # a cluster pipeline. So: one EVAL per slot in use, all sent in one pipeline, which
+        # redis-py splits into one batch per node.
+        by_slot: dict[int, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_slot.setdefault(self.client.keyslot(self._k(r.key, "lease")), []).append(i)
+        source = self._sources["renew"]
+        results = [False] * len(requests)
         try:
             pipe = self.client.pipeline(transaction=False)
-            for r in requests:
-                script(keys=[self._k(r.key, "lease")], args=[r.token, _ms(r.ttl)], client=pipe)
-            replies = pipe.execute()
+            for indexes in by_slot.values():
+                batch = [requests[i] for i in indexes]
+                keys = [self._k(r.key, "lease") for r in batch]
+                args = [r.token for r in batch] + [_ms(r.ttl) for r in batch]
+                pipe.execute_command("EVAL", source, len(keys), *keys, *args)
+            for indexes, reply in zip(by_slot.values(), pipe.execute(), strict=True):
+                for i, ok in zip(indexes, reply, strict=True):
+                    results[i] = bool(int(ok))
         except self._errors as exc:
             raise BackendError(f"renew on {self._description} failed: {exc}") from exc
-        return [bool(int(reply[0])) for reply in replies]
+        return results
 
     def wait(self, key: str, timeout: float) -> bool:
         if timeout <= 0:
@@ -295,9 +311,12 @@ def _redact(url: str) -> str:
 def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
     hosts = []
     for item in netloc.split(","):
-        host, _, port = item.strip().rpartition(":")
+        item = item.strip()
+        host, sep, port = item.rpartition(":")
+        if not sep or item.endswith("]"):  # no port given (or a bare [IPv6] address)
+            host, port = item, str(default_port)
         if not host:
-            host, port = port, str(default_port)
+            raise ConfigurationError(f"invalid host:port {item!r} in Redis URL: no host")
         try:
             hosts.append((host.strip("[]"), int(port)))
         except ValueError as exc:

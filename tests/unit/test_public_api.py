@@ -1,0 +1,30 @@
+"""``__all__`` lists exactly the public names of the package root."""
+
+from __future__ import annotations
+
+import inspect
+
+import celery_exclusive
+
+
+def test_all_equals_the_public_names() -> None:
+    public = {
+        name
+        for name, value in vars(celery_exclusive).items()
+        if not name.startswith("_") and not inspect.ismodule(value) and name != "annotations"
+    }
+    assert set(celery_exclusive.__all__) == public | {"__version__"}
+
+
+def test_every_public_name_has_a_docstring() -> None:
+    for name in celery_exclusive.__all__:
+        value = getattr(celery_exclusive, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert inspect.getdoc(value), name
+
+
+def test_every_error_derives_from_the_root() -> None:
+    for name in celery_exclusive.__all__:
+        value = getattr(celery_exclusive, name)
+        if inspect.isclass(value) and issubclass(value, Exception):
+            assert issubclass(value, celery_exclusive.ExclusiveError), name

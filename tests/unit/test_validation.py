@@ -1,0 +1,134 @@
+"""Bad input fails at the call with a clear error, and nothing reaches the store."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from celery_exclusive import ConfigurationError, Store, connect
+from celery_exclusive.backends.base import Backend, Holder, LeaseInfo
+
+
+class UntouchableBackend(Backend):
+    """Fails the test if any operation reaches it."""
+
+    def _touched(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the store was contacted")
+
+    acquire = release = renew = wait = holders = force_release = _touched  # type: ignore[assignment]
+
+    def scan(self, match: str | None = None) -> Iterator[LeaseInfo]:
+        raise AssertionError("the store was contacted")
+
+    def describe(self) -> str:
+        return "untouchable"
+
+
+@pytest.fixture
+def store() -> Store:
+    return Store(UntouchableBackend())
+
+
+@pytest.mark.parametrize("ttl", [0, -1, math.nan, math.inf, "30", True])
+def test_bad_ttl(store: Store, ttl: Any) -> None:
+    with pytest.raises(ConfigurationError, match="ttl"):
+        store.lease("k", ttl=ttl)
+
+
+@pytest.mark.parametrize("limit", [0, -2, 1.5, "2", True])
+def test_bad_limit(store: Store, limit: Any) -> None:
+    with pytest.raises(ConfigurationError, match="limit"):
+        store.lease("k", limit=limit)
+
+
+@pytest.mark.parametrize(
+    ("key", "words"),
+    [
+        (42, "must be a str"),
+        (None, "must be a str"),
+        (b"k", "must be a str"),
+        ("", "empty"),
+        ("x" * 513, "at most 512"),
+        ("has space", "whitespace"),
+        ("tab\tbed", "whitespace"),
+        ("brace{tag}", "braces"),
+    ],
+)
+def test_bad_key(store: Store, key: Any, words: str) -> None:
+    with pytest.raises(ConfigurationError, match=words):
+        store.lease(key)
+
+
+def test_bad_meta_token_timeout_max_hold(store: Store) -> None:
+    with pytest.raises(ConfigurationError, match="meta"):
+        store.lease("k", meta=["not", "a", "mapping"])  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="token"):
+        store.lease("k", token="a|b")
+    with pytest.raises(ConfigurationError, match="timeout"):
+        store.lease("k", timeout=-1)
+    with pytest.raises(ConfigurationError, match="max_hold"):
+        store.lease("k", max_hold=0)
+    with pytest.raises(ConfigurationError, match="timeout"):
+        store.lease("k").acquire(timeout=-0.5)
+
+
+def test_configuration_errors_are_value_errors() -> None:
+    with pytest.raises(ValueError):
+        Store(UntouchableBackend(), default_ttl=0)
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("localhost:6379", "not a store URL"),
+        ("ftp://host/", "unknown store scheme"),
+        ("redis+sentinel://127.0.0.1:26379/", "must name the service"),
+        ("redis+cluster://:7000", "at least one host|invalid host"),
+        ("redis+cluster://h:notaport", "invalid host"),
+    ],
+)
+def test_bad_urls(url: str, words: str) -> None:
+    with pytest.raises(ConfigurationError, match=words):
+        connect(url)
+
+
+def test_url_password_is_not_repeated_in_errors() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        connect("nope://user:secret@host/")
+    assert "secret" not in str(info.value)
+
+
+def test_connect_rejects_foreign_objects() -> None:
+    with pytest.raises(ConfigurationError, match="redis-py client"):
+        connect(object())
+
+
+def test_tls_and_valkey_urls_build_without_touching_the_network() -> None:
+    import redis
+
+    store = connect("rediss://:pw@127.0.0.1:1/0?ssl_cert_reqs=none")
+    pool = store.backend.client.connection_pool  # type: ignore[attr-defined]
+    assert pool.connection_class is redis.SSLConnection
+    assert "pw" not in repr(store)
+    assert connect("valkey://127.0.0.1:1/0").backend.describe().startswith("redis://")
+
+
+def test_memory_urls_with_a_name_share_one_store() -> None:
+    a, b = connect("memory://shared-test"), connect("memory://shared-test")
+    assert a.backend is b.backend
+    assert connect("memory://").backend is not connect("memory://").backend
+
+
+def test_holder_as_dict_is_json_ready() -> None:
+    holder = Holder("t", 7, 1.23456, 10.0, 11.0, {"task_id": "x"})
+    assert holder.as_dict() == {
+        "token": "t",
+        "fence": 7,
+        "expires_in": 1.235,
+        "acquired_at": 10.0,
+        "renewed_at": 11.0,
+        "task_id": "x",
+    }
