@@ -161,7 +161,7 @@ class RedisCluster:
                 "--cluster-node-timeout",
                 "2000",
                 port=free_port(with_bus=True),
-            )  # fmt: skip
+            )
             for _ in range(size)
         ]
         for node in self.nodes:

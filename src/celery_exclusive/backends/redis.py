@@ -18,7 +18,7 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..exceptions import BackendError, ConfigurationError
@@ -31,9 +31,6 @@ from .base import (
     LeaseInfo,
     RenewRequest,
 )
-
-if TYPE_CHECKING:
-    import redis
 
 __all__ = ["RedisBackend"]
 
@@ -75,14 +72,14 @@ class RedisBackend(Backend):
 
     def __init__(
         self,
-        client: redis.Redis | Any,
+        client: Any,
         *,
         prefix: str = "exclusive",
         fence_retention: float = DEFAULT_FENCE_RETENTION,
         description: str | None = None,
     ) -> None:
         redis = _import_redis()
-        self.client = client
+        self.client: Any = client  # redis.Redis or redis.cluster.RedisCluster
         self.prefix = prefix
         self.fence_retention_ms = int(fence_retention * 1000)
         self._description = description or "redis"
