@@ -1,0 +1,159 @@
+"""``celery-exclusive``: list, show and release leases; run the demo.
+
+The store comes from ``--url``, else ``$CELERY_EXCLUSIVE_URL``. Tables for people, ``--json``
+for scripts. Exit codes: 0 ok, 1 a check or lookup failed, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from . import __version__, connect
+from .backends.base import LeaseInfo
+from .exceptions import ExclusiveError
+
+__all__ = ["main"]
+
+
+def _store(args: argparse.Namespace) -> Any:
+    url = args.url or os.environ.get("CELERY_EXCLUSIVE_URL")
+    if not url:
+        raise ExclusiveError("no store: pass --url redis://... or set CELERY_EXCLUSIVE_URL")
+    options = {"prefix": args.prefix} if args.prefix else {}
+    return connect(url, **options)
+
+
+def _rows(infos: Sequence[LeaseInfo]) -> list[dict[str, Any]]:
+    rows = []
+    for info in infos:
+        for holder in info.holders:
+            meta = dict(holder.meta)
+            rows.append(
+                {
+                    "key": info.key,
+                    "fence": holder.fence,
+                    "expires_in": round(holder.expires_in, 1),
+                    "held_for": round(max(0.0, time.time() - holder.acquired_at), 1),
+                    "task_id": meta.pop("task_id", ""),
+                    "task_name": meta.pop("task_name", ""),
+                    "worker": meta.pop("node", "") or f"{meta.get('host', '')}:{meta.get('pid', '')}",
+                    "token": holder.token,
+                }
+            )
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
+    """Print rows as a table (rich when installed, plain text otherwise)."""
+    if not rows:
+        print("no leases held", file=out)
+        return
+    columns = list(rows[0])
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+        print("  ".join(c.ljust(widths[c]) for c in columns), file=out)
+        for r in rows:
+            print("  ".join(str(r[c]).ljust(widths[c]) for c in columns), file=out)
+        return
+    table = Table(*columns)
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in columns))
+    Console(file=out).print(table)
+
+
+def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
+    rows = _rows(list(_store(args).leases(args.match)))
+    if args.json:
+        json.dump(rows, out, indent=2)
+        print(file=out)
+    else:
+        print_table(rows, out)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
+    holders = _store(args).holders(args.key)
+    if args.json:
+        json.dump([h.as_dict() for h in holders], out, indent=2)
+        print(file=out)
+    elif holders:
+        print_table(_rows([LeaseInfo(args.key, holders)]), out)
+    else:
+        print(f"{args.key!r} is free", file=out)
+    return 0 if holders else 1
+
+
+def cmd_release(args: argparse.Namespace, out: TextIO) -> int:
+    removed = _store(args).force_release(args.key, args.token)
+    if args.json:
+        json.dump({"key": args.key, "released": removed}, out)
+        print(file=out)
+    else:
+        print(f"released {removed} hold(s) on {args.key!r}", file=out)
+    return 0 if removed else 1
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    from .demo.leases import run
+
+    return run(args.redis, workers=args.workers, duration=args.duration, ttl=args.ttl, out=out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser (shared by the Django management command)."""
+    parser = argparse.ArgumentParser(prog="celery-exclusive", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def store_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", help="store URL (default: $CELERY_EXCLUSIVE_URL)")
+        p.add_argument("--prefix", help="key prefix (default: exclusive)")
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = sub.add_parser("list", help="list held leases")
+    store_options(p)
+    p.add_argument("--match", help="only keys matching this glob")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="show the holders of one key")
+    store_options(p)
+    p.add_argument("key")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("release", help="force-release a key (its holder will see it lost)")
+    store_options(p)
+    p.add_argument("key")
+    p.add_argument("--token", help="release only this holder")
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("demo", help="run the demo on an embedded Redis (no server to install)")
+    p.add_argument("--redis", metavar="URL", help="use this Redis instead of an embedded one")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--duration", type=float, default=8.0, help="seconds of contention")
+    p.add_argument("--ttl", type=float, default=2.0, help="lease ttl in seconds")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args, out or sys.stdout)
+    except ExclusiveError as exc:
+        print(f"celery-exclusive: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

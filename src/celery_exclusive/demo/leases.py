@@ -1,0 +1,170 @@
+"""The lease demo: worker processes contend for a few keys; one is killed mid-hold.
+
+What it shows, on an embedded Redis (or ``--redis URL``):
+
+* one holder per key at a time (every hold is recorded and checked for overlaps),
+* fences rising with every grant of a key,
+* a holder killed with SIGKILL (no ``finally`` runs) whose key comes free by expiry, ``ttl``
+  seconds at most after its last renewal, and goes to a waiting worker.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import random
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from .. import connect
+from ..embedded import embedded_redis
+
+KEYS = ("customer:1", "customer:2", "customer:3")
+NAMES = "ABCDEFGH"
+
+
+@dataclass
+class Hold:
+    worker: str
+    key: str
+    fence: int
+    start: float
+    end: float | None = None
+
+
+def _worker(url: str, prefix: str, name: str, ttl: float, stop_at: float, events: Any) -> None:
+    store = connect(url, prefix=prefix)
+    rng = random.Random(os.getpid())
+    while time.time() < stop_at:
+        key = rng.choice(KEYS)
+        lease = store.lease(key, ttl=ttl, meta={"worker": name})
+        if not lease.acquire(timeout=max(0.05, min(ttl * 3, stop_at - time.time()))):
+            continue
+        start = time.time()
+        events.put(("hold", name, key, lease.fence, start, os.getpid()))
+        time.sleep(rng.uniform(0.05, 0.25))  # the "work"
+        end = time.time()
+        events.put(("done", name, key, lease.fence, end, os.getpid()))
+        lease.release()
+    store.close()
+
+
+def overlaps(holds: Sequence[Hold]) -> list[tuple[Hold, Hold]]:
+    """Return pairs of holds of the same key whose intervals overlap."""
+    found = []
+    for key in {h.key for h in holds}:
+        ordered = sorted((h for h in holds if h.key == key), key=lambda h: h.start)
+        for a, b in zip(ordered, ordered[1:]):
+            if a.end is None or b.start < a.end:
+                found.append((a, b))
+    return found
+
+
+def fences_rise(holds: Sequence[Hold]) -> bool:
+    """Whether, for every key, fences increase in the order the holds started."""
+    for key in {h.key for h in holds}:
+        fences = [h.fence for h in sorted((h for h in holds if h.key == key), key=lambda h: h.start)]
+        if any(b <= a for a, b in zip(fences, fences[1:])):
+            return False
+    return True
+
+
+def timeline(holds: Sequence[Hold], t0: float, t1: float, kill: tuple[float, str] | None,
+             width: int = 64) -> list[str]:
+    """Draw one row per key: the letter of the holder in each time slot, '.' when free."""
+    rows = []
+    step = (t1 - t0) / width
+    for key in KEYS:
+        cells = []
+        for i in range(width):
+            mid = t0 + (i + 0.5) * step
+            who = next((h.worker for h in holds if h.key == key and h.start <= mid
+                        and (h.end or t1) > mid), ".")
+            cells.append(who)
+        if kill and kill[1] == key:
+            cells[min(width - 1, int((kill[0] - t0) / step))] = "X"
+        rows.append(f"{key:>11} |{''.join(cells)}|")
+    rows.append(f"{'':>11}  0 s{'':{width - 10}}{t1 - t0:4.1f} s")
+    return rows
+
+
+def run(url: str | None = None, *, workers: int = 4, duration: float = 8.0, ttl: float = 2.0,
+        out: TextIO = sys.stdout) -> int:
+    """Run the demo; return 0 when every check holds (no overlap, fences rising, key freed)."""
+    if url is None:
+        with embedded_redis() as embedded:
+            print(f"Started a private Redis at {embedded} (no server to install).", file=out)
+            return run(embedded, workers=workers, duration=duration, ttl=ttl, out=out)
+    prefix = f"demo-{os.getpid()}"
+    ctx = mp.get_context("spawn")
+    events = ctx.Queue()
+    t0 = time.time()
+    stop_at = t0 + duration
+    procs = {NAMES[i]: ctx.Process(target=_worker, args=(url, prefix, NAMES[i], ttl, stop_at, events),
+                                   daemon=True) for i in range(workers)}
+    for p in procs.values():
+        p.start()
+    print(f"{workers} worker processes contend for {', '.join(KEYS)} (ttl {ttl:g} s) for "
+          f"{duration:g} s; one will be killed with SIGKILL while it holds a key.\n", file=out)
+    holds: list[Hold] = []
+    open_holds: dict[tuple[str, str], Hold] = {}
+    kill: tuple[float, str] | None = None
+    killed_worker = ""
+    freed_after: float | None = None
+    deadline = stop_at + ttl * 4 + 10
+    try:
+        while time.time() < deadline and (any(p.is_alive() for p in procs.values()) or not events.empty()):
+            try:
+                kind, name, key, fence, at, _pid = events.get(timeout=0.1)
+            except queue.Empty:
+                kind = ""
+            if kind == "hold":
+                hold = Hold(name, key, fence, at)
+                holds.append(hold)
+                open_holds[(name, key)] = hold
+                note = ""
+                if kill and kill[1] == key and freed_after is None and name != killed_worker:
+                    freed_after = at - kill[0]
+                    note = f"   <- free again {freed_after:.2f} s after the kill"
+                print(f"  {at - t0:5.2f} s  worker {name} holds {key}  fence {fence}{note}", file=out)
+            elif kind == "done":
+                finished = open_holds.pop((name, key), None)
+                if finished is not None:
+                    finished.end = at
+            if kill is None and time.time() > t0 + duration / 3 and open_holds:
+                (name, key), hold = next(iter(open_holds.items()))
+                proc = procs[name]
+                if proc.pid:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    kill = (time.time(), key)
+                    killed_worker = name
+                    hold.end = kill[0]  # it stops working; its lease lives on until expiry
+                    open_holds.pop((name, key))
+                    print(f"  {kill[0] - t0:5.2f} s  ** worker {name} killed (SIGKILL) holding {key}:"
+                          f" no release will run; the lease must expire **", file=out)
+    finally:
+        for p in procs.values():
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+    t1 = max([h.end or h.start for h in holds] + [time.time()])
+    bad = overlaps(holds)
+    rising = fences_rise(holds)
+    print("\nTimeline (one row per key; letters are workers, X the kill):", file=out)
+    for row in timeline(holds, t0, t1, kill):
+        print("  " + row, file=out)
+    print("\nSummary", file=out)
+    print(f"  leases granted            {len(holds)}", file=out)
+    print(f"  overlapping holds         {len(bad)}", file=out)
+    print(f"  fences rising on each key {'yes' if rising else 'NO'}", file=out)
+    if kill:
+        freed = f"{freed_after:.2f} s (ttl {ttl:g} s)" if freed_after is not None else "not seen"
+        print(f"  killed holder's key free  after {freed}", file=out)
+    ok = not bad and rising and (kill is None or freed_after is not None)
+    print("\n" + ("All checks passed." if ok else "A CHECK FAILED."), file=out)
+    return 0 if ok else 1
