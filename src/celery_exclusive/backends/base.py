@@ -20,7 +20,7 @@ __all__ = ["Backend", "Conflict", "Grant", "Holder", "LeaseInfo", "RenewRequest"
 
 #: How long a key's fence counter outlives its last grant. Fences are seeded from the store's
 #: clock in microseconds when a counter is created, so a counter that expired and is created
-#: again still starts above every fence it ever handed out (see ``docs/fencing.md``).
+#: again still starts above every fence it ever handed out (see ``docs/guarantees.md``).
 DEFAULT_FENCE_RETENTION = 7 * 24 * 3600.0
 
 

