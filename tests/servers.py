@@ -172,6 +172,13 @@ class RedisCluster:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self) -> RedisCluster:
+        try:
+            return self._start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def _start(self) -> RedisCluster:
         for node in self.nodes:
             node.start()
         per = 16384 // len(self.nodes)
@@ -215,6 +222,13 @@ class RedisSentinel:
         return f"redis+sentinel://127.0.0.1:{self.port}/mymaster/0"
 
     def start(self) -> RedisSentinel:
+        try:
+            return self._start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def _start(self) -> RedisSentinel:
         self.master.start()
         conf = Path(self.dir, "sentinel.conf")
         conf.write_text(

@@ -42,7 +42,8 @@ def _rows(infos: Sequence[LeaseInfo]) -> list[dict[str, Any]]:
                     "held_for": round(max(0.0, time.time() - holder.acquired_at), 1),
                     "task_id": meta.pop("task_id", ""),
                     "task_name": meta.pop("task_name", ""),
-                    "worker": meta.pop("node", "") or f"{meta.get('host', '')}:{meta.get('pid', '')}",
+                    "worker": meta.pop("node", "")
+                    or f"{meta.get('host', '')}:{meta.get('pid', '')}",
                     "token": holder.token,
                 }
             )

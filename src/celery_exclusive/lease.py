@@ -104,6 +104,10 @@ class Lease:
         self._lost_reason: str | None = None
         self._holders: Sequence[Holder] = ()
         self.next_renewal = math.inf  # monotonic; read and written by the renewer
+        # Counts grants. A renewal reply is applied only to the grant it was sent for:
+        #   renewer sends renew(k) -> owner releases k -> store answers "not held"
+        #   -> owner acquires k again -> the stale "not held" must not mark the new grant lost.
+        self.generation = 0
 
     # -- state ----------------------------------------------------------------------------
 
@@ -259,16 +263,23 @@ class Lease:
 
     # -- called by the renewer ------------------------------------------------------------
 
-    def renewed(self, sent: float) -> None:
-        """Record a successful renewal that was sent at monotonic time ``sent``."""
+    def renewed(self, sent: float, generation: int | None = None) -> None:
+        """Record a successful renewal sent at monotonic time ``sent`` for ``generation``."""
         with self._lock:
+            if generation is not None and generation != self.generation:
+                return
             if self._deadline > 0 and self._lost_reason is None:
                 self._deadline = sent + self.ttl
                 self.next_renewal = sent + self.ttl / 3
 
-    def mark_lost(self, reason: str) -> None:
-        """Mark the lease lost: log at WARNING, fire ``lease_lost`` and ``on_lost``."""
+    def mark_lost(self, reason: str, generation: int | None = None) -> None:
+        """Mark the lease lost: log at WARNING, fire ``lease_lost`` and ``on_lost``.
+
+        With ``generation``, only if the lease is still at that grant (see ``generation``).
+        """
         with self._lock:
+            if generation is not None and generation != self.generation:
+                return
             if self._lost_reason is not None or self._deadline == 0.0:
                 return
             self._lost_reason = reason
@@ -292,6 +303,8 @@ class Lease:
         with self._lock:
             if self._deadline == 0.0 or self._lost_reason is not None:
                 self._acquired_at = sent
+            if self._deadline == 0.0 or self._lost_reason is not None:
+                self.generation += 1
             self._fence = fence
             self._deadline = sent + self.ttl
             self._lost_reason = None

@@ -117,23 +117,24 @@ class Renewer:
 
     def _renew_batch(self, backend: Backend, leases: list[Lease]) -> None:
         sent = time.monotonic()
+        generations = [lease.generation for lease in leases]
         self.round_trips += 1
         try:
             results = backend.renew([RenewRequest(le.key, le.token, le.ttl) for le in leases])
         except BackendError as exc:
             now = time.monotonic()
-            for lease in leases:
+            for lease, generation in zip(leases, generations, strict=True):
                 if not lease.held:
-                    lease.mark_lost(f"could not renew before it expired: {exc}")
+                    lease.mark_lost(f"could not renew before it expired: {exc}", generation)
                 else:
                     lease.next_renewal = now + min(lease.ttl * _RETRY_FRACTION, 1.0)
                     logger.warning("renewing %r failed, will retry: %s", lease.key, exc)
             return
-        for lease, ok in zip(leases, results, strict=True):
+        for lease, generation, ok in zip(leases, generations, results, strict=True):
             if ok:
-                lease.renewed(sent)
+                lease.renewed(sent, generation)
             else:
-                lease.mark_lost("renewal refused: the store no longer had it")
+                lease.mark_lost("renewal refused: the store no longer had it", generation)
 
 
 _renewer: Renewer | None = None

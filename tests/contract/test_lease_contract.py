@@ -246,3 +246,19 @@ def test_one_round_trip_renews_many_leases(store: Store) -> None:
     assert all(lease.held for lease in leases)
     for lease in leases:
         lease.release()
+
+
+def test_a_stale_renewal_reply_does_not_mark_a_newer_grant_lost(store: Store) -> None:
+    # Given a renewal sent for the first grant of a lease object
+    lost: list[str] = []
+    lease = store.lease("job", ttl=30, auto_renew=False, on_lost=lambda _l, r: lost.append(r))
+    lease.acquire()
+    stale_generation = lease.generation
+    # When the owner releases and acquires again before the (refused) reply is applied
+    lease.release()
+    lease.acquire()
+    lease.mark_lost("renewal refused: the store no longer had it", stale_generation)
+    # Then the new grant is untouched
+    assert lost == []
+    assert lease.held
+    lease.release()

@@ -68,14 +68,17 @@ def overlaps(holds: Sequence[Hold]) -> list[tuple[Hold, Hold]]:
 def fences_rise(holds: Sequence[Hold]) -> bool:
     """Whether, for every key, fences increase in the order the holds started."""
     for key in {h.key for h in holds}:
-        fences = [h.fence for h in sorted((h for h in holds if h.key == key), key=lambda h: h.start)]
+        fences = [
+            h.fence for h in sorted((h for h in holds if h.key == key), key=lambda h: h.start)
+        ]
         if any(b <= a for a, b in zip(fences, fences[1:])):
             return False
     return True
 
 
-def timeline(holds: Sequence[Hold], t0: float, t1: float, kill: tuple[float, str] | None,
-             width: int = 64) -> list[str]:
+def timeline(
+    holds: Sequence[Hold], t0: float, t1: float, kill: tuple[float, str] | None, width: int = 64
+) -> list[str]:
     """Draw one row per key: the letter of the holder in each time slot, '.' when free."""
     rows = []
     step = (t1 - t0) / width
@@ -83,8 +86,14 @@ def timeline(holds: Sequence[Hold], t0: float, t1: float, kill: tuple[float, str
         cells = []
         for i in range(width):
             mid = t0 + (i + 0.5) * step
-            who = next((h.worker for h in holds if h.key == key and h.start <= mid
-                        and (h.end or t1) > mid), ".")
+            who = next(
+                (
+                    h.worker
+                    for h in holds
+                    if h.key == key and h.start <= mid and (h.end or t1) > mid
+                ),
+                ".",
+            )
             cells.append(who)
         if kill and kill[1] == key:
             cells[min(width - 1, int((kill[0] - t0) / step))] = "X"
@@ -93,8 +102,14 @@ def timeline(holds: Sequence[Hold], t0: float, t1: float, kill: tuple[float, str
     return rows
 
 
-def run(url: str | None = None, *, workers: int = 4, duration: float = 8.0, ttl: float = 2.0,
-        out: TextIO = sys.stdout) -> int:
+def run(
+    url: str | None = None,
+    *,
+    workers: int = 4,
+    duration: float = 8.0,
+    ttl: float = 2.0,
+    out: TextIO = sys.stdout,
+) -> int:
     """Run the demo; return 0 when every check holds (no overlap, fences rising, key freed)."""
     if url is None:
         with embedded_redis() as embedded:
@@ -105,12 +120,19 @@ def run(url: str | None = None, *, workers: int = 4, duration: float = 8.0, ttl:
     events = ctx.Queue()
     t0 = time.time()
     stop_at = t0 + duration
-    procs = {NAMES[i]: ctx.Process(target=_worker, args=(url, prefix, NAMES[i], ttl, stop_at, events),
-                                   daemon=True) for i in range(workers)}
+    procs = {
+        NAMES[i]: ctx.Process(
+            target=_worker, args=(url, prefix, NAMES[i], ttl, stop_at, events), daemon=True
+        )
+        for i in range(workers)
+    }
     for p in procs.values():
         p.start()
-    print(f"{workers} worker processes contend for {', '.join(KEYS)} (ttl {ttl:g} s) for "
-          f"{duration:g} s; one will be killed with SIGKILL while it holds a key.\n", file=out)
+    print(
+        f"{workers} worker processes contend for {', '.join(KEYS)} (ttl {ttl:g} s) for "
+        f"{duration:g} s; one will be killed with SIGKILL while it holds a key.\n",
+        file=out,
+    )
     holds: list[Hold] = []
     open_holds: dict[tuple[str, str], Hold] = {}
     kill: tuple[float, str] | None = None
@@ -118,7 +140,9 @@ def run(url: str | None = None, *, workers: int = 4, duration: float = 8.0, ttl:
     freed_after: float | None = None
     deadline = stop_at + ttl * 4 + 10
     try:
-        while time.time() < deadline and (any(p.is_alive() for p in procs.values()) or not events.empty()):
+        while time.time() < deadline and (
+            any(p.is_alive() for p in procs.values()) or not events.empty()
+        ):
             try:
                 kind, name, key, fence, at, _pid = events.get(timeout=0.1)
             except queue.Empty:
@@ -131,7 +155,9 @@ def run(url: str | None = None, *, workers: int = 4, duration: float = 8.0, ttl:
                 if kill and kill[1] == key and freed_after is None and name != killed_worker:
                     freed_after = at - kill[0]
                     note = f"   <- free again {freed_after:.2f} s after the kill"
-                print(f"  {at - t0:5.2f} s  worker {name} holds {key}  fence {fence}{note}", file=out)
+                print(
+                    f"  {at - t0:5.2f} s  worker {name} holds {key}  fence {fence}{note}", file=out
+                )
             elif kind == "done":
                 finished = open_holds.pop((name, key), None)
                 if finished is not None:
@@ -145,8 +171,11 @@ def run(url: str | None = None, *, workers: int = 4, duration: float = 8.0, ttl:
                     killed_worker = name
                     hold.end = kill[0]  # it stops working; its lease lives on until expiry
                     open_holds.pop((name, key))
-                    print(f"  {kill[0] - t0:5.2f} s  ** worker {name} killed (SIGKILL) holding {key}:"
-                          f" no release will run; the lease must expire **", file=out)
+                    print(
+                        f"  {kill[0] - t0:5.2f} s  ** worker {name} killed (SIGKILL) holding {key}:"
+                        f" no release will run; the lease must expire **",
+                        file=out,
+                    )
     finally:
         for p in procs.values():
             if p.is_alive():

@@ -1,0 +1,138 @@
+"""The options of a protected task, validated once (at decoration) into a frozen dataclass.
+
+No Celery import here: the Celery integration reads these, and so can any other integration.
+
+``hold``: when a lease is held (see ARCHITECTURE):
+
+    running             taken when the task starts, released when it ends (default)
+    queued              taken at enqueue, released when the task starts
+    queued_and_running  taken at enqueue; a second lease is taken at start; the first is
+                        released at start, the second at the end
+    until_done          taken at enqueue, released when the task ends (success, failure,
+                        or its final retry); kept across retries
+
+``on_conflict`` (worker side, the key is held when the task starts): ``skip`` (the run ends
+SUCCESS with a result saying it was skipped and who holds the key), ``raise``
+(``AlreadyRunning``, the task fails), ``retry`` (re-queued with countdown and backoff),
+``wait`` (block up to ``wait_timeout``, woken by the release).
+
+``on_duplicate`` (enqueue side, a copy is already queued): ``return_existing`` (the caller gets
+the AsyncResult of the queued or running copy), ``skip`` (``apply_async`` returns None),
+``raise`` (``AlreadyQueued``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from .exceptions import ConfigurationError
+
+__all__ = ["HOLDS", "ON_CONFLICT", "ON_DUPLICATE", "TASK_OPTION_NAMES", "TaskOptions"]
+
+HOLDS = ("running", "queued", "queued_and_running", "until_done")
+ON_CONFLICT = ("skip", "raise", "retry", "wait")
+ON_DUPLICATE = ("return_existing", "skip", "raise")
+
+#: Holds that take a lease at enqueue / at the start of the run.
+ENQUEUE_HOLDS = frozenset({"queued", "queued_and_running", "until_done"})
+RUN_HOLDS = frozenset({"running", "queued_and_running"})
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Validated options of one protected task (or one call of it)."""
+
+    key: None | Sequence[str] | str | Callable[..., object] = None
+    hold: str = "running"
+    on_conflict: str = "skip"
+    on_duplicate: str = "return_existing"
+    ttl: float = 30.0
+    limit: int = 1
+    wait_timeout: float = 60.0
+    max_hold: float | None = None
+    retry_countdown: float = 5.0
+    retry_backoff: float = 2.0
+    retry_max_countdown: float = 300.0
+    max_retries: int | None = 10
+
+    def __post_init__(self) -> None:
+        _choice("hold", self.hold, HOLDS)
+        _choice("on_conflict", self.on_conflict, ON_CONFLICT)
+        _choice("on_duplicate", self.on_duplicate, ON_DUPLICATE)
+        for name in ("ttl", "wait_timeout", "retry_countdown", "retry_max_countdown"):
+            _seconds(name, getattr(self, name))
+        if self.max_hold is not None:
+            _seconds("max_hold", self.max_hold)
+        v = self.retry_backoff
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1:
+            raise ConfigurationError(f"exclusive option retry_backoff must be >= 1, not {v!r}")
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
+            raise ConfigurationError(
+                f"exclusive option limit must be an int >= 1, not {self.limit!r}"
+            )
+        if self.max_retries is not None and (
+            isinstance(self.max_retries, bool)
+            or not isinstance(self.max_retries, int)
+            or self.max_retries < 0
+        ):
+            raise ConfigurationError(
+                f"exclusive option max_retries must be an int >= 0 or None, not {self.max_retries!r}"
+            )
+
+    @property
+    def locks_at_enqueue(self) -> bool:
+        """Whether ``apply_async`` takes a lease."""
+        return self.hold in ENQUEUE_HOLDS
+
+    @classmethod
+    def build(cls, *layers: Mapping[str, Any] | None) -> TaskOptions:
+        """Merge option mappings (later layers win) and validate the result.
+
+        An unknown name is an error that lists the known ones.
+        """
+        merged: dict[str, Any] = {}
+        for layer in layers:
+            if layer is None:
+                continue
+            if not isinstance(layer, Mapping):
+                raise ConfigurationError(
+                    f"exclusive options must be a dict, not {type(layer).__name__}"
+                )
+            unknown = sorted(set(layer) - set(TASK_OPTION_NAMES))
+            if unknown:
+                raise ConfigurationError(
+                    f"unknown exclusive option(s) {', '.join(map(repr, unknown))}; "
+                    f"known: {', '.join(TASK_OPTION_NAMES)}"
+                )
+            merged.update(layer)
+        return cls(**merged)
+
+    def with_overrides(self, overrides: Mapping[str, Any] | None) -> TaskOptions:
+        """Return a validated copy with per-call ``overrides`` applied."""
+        if not overrides:
+            return self
+        checked = TaskOptions.build(overrides)  # validates names and values
+        return replace(self, **{k: getattr(checked, k) for k in overrides})
+
+
+def _choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigurationError(
+            f"exclusive option {name} must be one of {', '.join(choices)}; not {value!r}"
+        )
+
+
+def _seconds(name: str, value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(f"exclusive option {name} must be seconds > 0, not {value!r}")
+
+
+TASK_OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(TaskOptions))
