@@ -205,6 +205,16 @@ class Lease:
         events.lease_released.send(lease=self, released=released)
         return released
 
+    def detach(self) -> None:
+        """Stop renewing and forget the grant locally, leaving it in the store to expire.
+
+        For hand-overs: a lease that another party (a queued message) now owns.
+        """
+        with self._lock:
+            self._deadline = 0.0
+        if self._renewer is not None:
+            self._renewer.discard(self)
+
     def renew(self) -> bool:
         """Extend the lease by ``ttl`` now; return False (and mark it lost) if it is gone."""
         if self._fence is None or self._deadline == 0.0 or self._lost_reason is not None:

@@ -45,7 +45,7 @@ RUN_HOLDS = frozenset({"running", "queued_and_running"})
 class TaskOptions:
     """Validated options of one protected task (or one call of it)."""
 
-    key: None | Sequence[str] | str | Callable[..., object] = None
+    key: Sequence[str] | str | Callable[..., object] | None = None
     hold: str = "running"
     on_conflict: str = "skip"
     on_duplicate: str = "return_existing"
@@ -79,7 +79,8 @@ class TaskOptions:
             or self.max_retries < 0
         ):
             raise ConfigurationError(
-                f"exclusive option max_retries must be an int >= 0 or None, not {self.max_retries!r}"
+                f"exclusive option max_retries must be an int >= 0 or None, "
+                f"not {self.max_retries!r}"
             )
 
     @property

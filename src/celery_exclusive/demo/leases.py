@@ -10,6 +10,7 @@ What it shows, on an embedded Redis (or ``--redis URL``):
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import queue
@@ -59,7 +60,7 @@ def overlaps(holds: Sequence[Hold]) -> list[tuple[Hold, Hold]]:
     found = []
     for key in {h.key for h in holds}:
         ordered = sorted((h for h in holds if h.key == key), key=lambda h: h.start)
-        for a, b in zip(ordered, ordered[1:]):
+        for a, b in itertools.pairwise(ordered):
             if a.end is None or b.start < a.end:
                 found.append((a, b))
     return found
@@ -71,7 +72,7 @@ def fences_rise(holds: Sequence[Hold]) -> bool:
         fences = [
             h.fence for h in sorted((h for h in holds if h.key == key), key=lambda h: h.start)
         ]
-        if any(b <= a for a, b in zip(fences, fences[1:])):
+        if any(b <= a for a, b in itertools.pairwise(fences)):
             return False
     return True
 

@@ -1,0 +1,43 @@
+"""Celery signals for observability: connect to them like to any Celery signal.
+
+Every signal is sent with the task as ``sender`` and keyword arguments::
+
+    exclusive_acquired   task_id, key, lease           a run took its lease
+    exclusive_conflict   task_id, key, holder, action  a run found the key held (action:
+                                                        skip, raise, retry, wait, redelivered)
+    exclusive_duplicate  key, existing_task_id, action  apply_async found a copy queued
+    exclusive_lost       task_id, key, reason           a running task's lease was lost
+    exclusive_released   task_id, key, released         a run gave its lease back
+
+::
+
+    from celery_exclusive.celery.signals import exclusive_lost
+
+    @exclusive_lost.connect
+    def alert(sender, task_id, key, reason, **kwargs):
+        ...
+"""
+
+from __future__ import annotations
+
+from celery.utils.dispatch import Signal
+
+__all__ = [
+    "exclusive_acquired",
+    "exclusive_conflict",
+    "exclusive_duplicate",
+    "exclusive_lost",
+    "exclusive_released",
+]
+
+exclusive_acquired = Signal(name="exclusive_acquired", providing_args={"task_id", "key", "lease"})
+exclusive_conflict = Signal(
+    name="exclusive_conflict", providing_args={"task_id", "key", "holder", "action"}
+)
+exclusive_duplicate = Signal(
+    name="exclusive_duplicate", providing_args={"key", "existing_task_id", "action"}
+)
+exclusive_lost = Signal(name="exclusive_lost", providing_args={"task_id", "key", "reason"})
+exclusive_released = Signal(
+    name="exclusive_released", providing_args={"task_id", "key", "released"}
+)

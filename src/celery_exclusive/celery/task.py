@@ -1,0 +1,420 @@
+"""``ExclusiveTask``: a Celery task that holds a lease while it runs, or while it is queued.
+
+::
+
+    @shared_task(base=ExclusiveTask, exclusive={"key": ["customer_id"], "on_conflict": "skip"})
+    def sync_customer(customer_id): ...
+
+Where the leases are taken and given back, and why there:
+
+* **At the start of a run**, in ``__call__``: Celery's tracer calls it for every worker run and
+  every eager run (``.apply()``, ``task_always_eager``). The lease is released in a ``finally``
+  around the body, because Celery calls no ``after_return`` for RETRY, IGNORED and REJECTED, and
+  no handler at all when the pool child is killed (then the lease expires within ``ttl``).
+* **At enqueue**, in ``apply_async``: the lease is owned by the task id, so the task's own
+  ``retry()`` (which publishes again with the same id) is the same owner, never a duplicate.
+  Nobody can renew a lease for a message sitting in a queue, so an enqueue lease lives
+  ``queue_ttl`` (default an hour) plus the countdown/ETA. The worker releases it when the task
+  starts (``queued``) or ends (``until_done``), and on revoke.
+* **A redelivered message** (same task id: ``acks_late`` with a Redis ``visibility_timeout``
+  shorter than the task) finds the key held by its own task id. It waits for that copy to end
+  (woken by the release) instead of running beside it or being skipped, and then does not run
+  again if the result backend already says SUCCESS. After a real crash it waits only until the
+  dead copy's lease expires, then runs: no work is lost and nothing deadlocks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import secrets
+import threading
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Retry
+from celery.utils import uuid
+
+from ..exceptions import AlreadyQueued, AlreadyRunning, BackendError, ConfigurationError
+from ..keys import KeyBuilder
+from ..lease import Lease
+from ..options import RUN_HOLDS, TaskOptions
+from . import signals
+from .config import settings_for, store_for
+
+__all__ = ["HEADER", "ExclusiveTask", "is_skipped"]
+
+logger = logging.getLogger(__name__)
+
+#: The message header carrying the key and per-call options to the worker (copied on retries).
+HEADER = "exclusive"
+QUEUED_SUFFIX = "@queued"
+
+
+def is_skipped(result: object) -> bool:
+    """Whether a task result is the record of a run skipped because the key was held."""
+    return isinstance(result, Mapping) and result.get("exclusive") == "skipped"
+
+
+class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
+    """A task that runs at most ``limit`` (default 1) at a time per key.
+
+    Options come from the ``exclusive`` task option (a dict; see
+    :mod:`celery_exclusive.options`), over the app's ``exclusive_*`` settings, and may be
+    overridden per call with ``apply_async(exclusive={...})``. Inside the task,
+    ``self.exclusive`` is the :class:`~celery_exclusive.Lease` of the current run (or None)::
+
+        @app.task(bind=True, base=ExclusiveTask, exclusive={"key": []})
+        def nightly_sync(self):
+            for batch in batches():
+                self.exclusive.ensure_held()
+                write(batch, fence=self.exclusive.fence)
+    """
+
+    abstract = True
+    #: The options given at decoration, validated then (see ``__init_subclass__``).
+    exclusive_options: Mapping[str, Any] = {}
+    _exclusive_resolved: tuple[int, TaskOptions, KeyBuilder | None] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Celery turns task options into class attributes: take ours out of the way of the
+        # ``exclusive`` property, and validate it now, at decoration, not at the first run.
+        given = cls.__dict__.get("exclusive")
+        if given is not None and not isinstance(given, property):
+            TaskOptions.build(given)
+            cls.exclusive_options = given
+            delattr(cls, "exclusive")
+            # Argument names are checked against the signature now, when the name is known.
+            _key_builder(cls, TaskOptions.build(given).key, cls.__dict__.get("name"))
+        cls._exclusive_resolved = None
+
+    @property
+    def exclusive(self) -> Lease | None:
+        """The lease of the current run (None outside a protected run)."""
+        return getattr(self.request, "_exclusive_lease", None)
+
+    # -- options and keys -----------------------------------------------------------------
+
+    def _options(self, overrides: Mapping[str, Any] | None = None) -> TaskOptions:
+        resolved = self._resolve()
+        return resolved[1].with_overrides(overrides)
+
+    def _resolve(self) -> tuple[int, TaskOptions, KeyBuilder | None]:
+        cached = type(self)._exclusive_resolved
+        settings = settings_for(self.app)
+        if cached is None or cached[0] != id(settings):
+            options = TaskOptions.build(settings.task_defaults, self.exclusive_options)
+            cached = (id(settings), options, _key_builder(type(self), options.key, self.name))
+            type(self)._exclusive_resolved = cached
+        return cached
+
+    def exclusive_key(
+        self, args: Any = None, kwargs: Any = None, overrides: Mapping[str, Any] | None = None
+    ) -> str:
+        """Return the lease key of a call with ``args`` and ``kwargs``."""
+        _, options, builder = self._resolve()
+        if overrides and "key" in overrides:
+            builder = _key_builder(type(self), options.with_overrides(overrides).key, self.name)
+        if builder is None:
+            raise ConfigurationError(f"task {self.name!r} has no run() to build keys from")
+        return builder.build(tuple(args or ()), dict(kwargs or {}))
+
+    # -- enqueue side -----------------------------------------------------------------------
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Publish the task, taking its enqueue lease first when ``hold`` asks for one.
+
+        ``exclusive={...}`` overrides this call's options. On a duplicate:
+        ``return_existing`` returns the AsyncResult of the copy already queued or running,
+        ``skip`` returns None, ``raise`` raises :class:`AlreadyQueued`. The key is computed
+        before anything is published, so a bad argument fails here with nothing sent.
+        """
+        overrides = options.pop(HEADER, None)
+        if overrides is not None and callable(
+            overrides.get("key") if isinstance(overrides, Mapping) else None
+        ):
+            raise ConfigurationError("a per-call exclusive key must be a list or a format string")
+        settings = settings_for(self.app)
+        if not settings.enabled:
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+        opts = self._options(overrides)
+        key = self.exclusive_key(args, kwargs, overrides)
+        headers = dict(options.get("headers") or {})
+        headers[HEADER] = {"key": key, "opts": dict(overrides or {})}
+        options["headers"] = headers
+        if not opts.locks_at_enqueue:
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+
+        task_id = task_id or uuid()
+        retry = bool(options.get("retries"))
+        store = store_for(self.app)
+        lease = store.lease(
+            _enqueue_key(key, opts),
+            token=task_id,
+            ttl=settings.queue_ttl + _delay(options),
+            limit=opts.limit,
+            auto_renew=False,
+            meta={"task_id": task_id, "task_name": self.name, "state": "queued"},
+        )
+        current = self.exclusive if getattr(self.request, "id", None) == task_id else None
+        if current is not None and current.key == lease.key:
+            current.detach()  # the retry message owns it now, with the queue's ttl
+        acquired = lease.acquire()
+        if not acquired and not retry:
+            return self._on_duplicate(key, lease, opts)
+        if not acquired:
+            # Never drop a retry: it is the continuation of work already accepted.
+            logger.debug("retry of %s published although %r is held", task_id, lease.key)
+        try:
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+        except BaseException:
+            if acquired and not retry:
+                lease.release()  # nothing left behind when publishing fails
+            raise
+
+    def _on_duplicate(self, key: str, lease: Lease, opts: TaskOptions) -> Any:
+        holder = lease.holder or {}
+        existing = str(holder.get("task_id") or "")
+        signals.exclusive_duplicate.send(
+            sender=self, key=key, existing_task_id=existing, action=opts.on_duplicate
+        )
+        logger.debug("%s: a copy is already queued (%s), %s", key, existing, opts.on_duplicate)
+        if opts.on_duplicate == "raise":
+            raise AlreadyQueued(
+                f"{self.name} is already queued or running for {key!r} (task {existing})",
+                key=key,
+                holder=holder,
+            )
+        if opts.on_duplicate == "skip" or not existing:
+            return None
+        return self.AsyncResult(existing)
+
+    # -- worker side ------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if request.called_directly or not settings_for(self.app).enabled:
+            return super().__call__(*args, **kwargs)
+        header = _header(request)
+        opts = self._options(header.get("opts"))
+        key = header.get("key") or self.exclusive_key(args, kwargs, header.get("opts"))
+        store = store_for(self.app)
+        task_id = str(request.id)
+        try:
+            lease = self._take_run_lease(store, key, opts, task_id, request)
+        except _Skipped as skipped:
+            self._release_enqueue_lease(store, key, opts, task_id)
+            return skipped.value
+        self._release_enqueue_lease(store, key, opts, task_id)
+        if lease is None:
+            return super().__call__(*args, **kwargs)
+
+        signals.exclusive_acquired.send(sender=self, task_id=task_id, key=key, lease=lease)
+        request._exclusive_lease = lease
+        retrying = False
+        try:
+            return super().__call__(*args, **kwargs)
+        except Retry:
+            retrying = True
+            raise
+        finally:
+            request._exclusive_lease = None
+            if retrying and opts.hold == "until_done":
+                lease.detach()  # kept for the retry; apply_async gave it the queue's ttl
+            else:
+                self._release(lease, task_id, key)
+
+    def _take_run_lease(
+        self, store: Store, key: str, opts: TaskOptions, task_id: str, request: Any
+    ) -> Lease | None:
+        """Take the lease a run holds (None when ``hold`` has none); raise _Skipped to skip."""
+        if opts.hold not in RUN_HOLDS and opts.hold != "until_done":
+            return None
+        # until_done: the worker adopts the enqueue lease (same owner: the task id) and renews
+        # it while the task runs. Otherwise each delivery is its own owner, so a redelivered
+        # copy of a running task is refused rather than let in.
+        token = task_id if opts.hold == "until_done" else f"{task_id}/{secrets.token_hex(6)}"
+        lease = store.lease(
+            key,
+            token=token,
+            ttl=opts.ttl,
+            limit=opts.limit,
+            meta={
+                "task_id": task_id,
+                "task_name": self.name,
+                "node": request.hostname or "",
+                "state": "running",
+            },
+            max_hold=opts.max_hold or _time_limit(self, request),
+            on_lost=lambda _lease, reason: self._lost(task_id, key, reason),
+        )
+        self._acquire_for_run(lease, key, opts, task_id)
+        return lease
+
+    def _acquire_for_run(self, lease: Lease, key: str, opts: TaskOptions, task_id: str) -> None:
+        """Take the run lease; on a conflict apply ``on_conflict`` (raise _Skipped to skip)."""
+        wait = opts.on_conflict == "wait"
+        if lease.acquire(blocking=wait, timeout=opts.wait_timeout if wait else None):
+            return
+        holder = lease.holder or {}
+        if holder.get("task_id") == task_id:
+            self._redelivered(lease, key, opts, task_id)
+            return
+        action = opts.on_conflict
+        signals.exclusive_conflict.send(
+            sender=self, task_id=task_id, key=key, holder=holder, action=action
+        )
+        message = (
+            f"{self.name} is already running for {key!r} (held by task {holder.get('task_id')})"
+        )
+        if action == "skip":
+            logger.info("%s: skipped", message)
+            raise _Skipped(_skip_record(key, holder))
+        if action == "retry":
+            countdown = min(
+                opts.retry_countdown * opts.retry_backoff ** (self.request.retries or 0),
+                opts.retry_max_countdown,
+            )
+            raise self.retry(
+                countdown=countdown,
+                max_retries=opts.max_retries,
+                exc=AlreadyRunning(message, key=key, holder=holder),
+            )
+        if action == "wait":
+            message += f"; gave up after waiting {opts.wait_timeout:g} s"
+        raise AlreadyRunning(message, key=key, holder=holder)
+
+    def _redelivered(self, lease: Lease, key: str, opts: TaskOptions, task_id: str) -> None:
+        """The broker delivered this task id again while a copy of it holds the key."""
+        signals.exclusive_conflict.send(
+            sender=self, task_id=task_id, key=key, holder=lease.holder, action="redelivered"
+        )
+        logger.warning(
+            "%s[%s] was delivered again while a copy of it holds %r: waiting for that copy",
+            self.name,
+            task_id,
+            key,
+        )
+        if not lease.acquire(blocking=True, timeout=max(opts.wait_timeout, opts.ttl * 2)):
+            countdown = min(opts.retry_countdown, opts.retry_max_countdown)
+            raise self.retry(countdown=countdown, max_retries=None)
+        previous = self.AsyncResult(task_id)
+        if previous.state == "SUCCESS":
+            # The first copy finished; running again would do the work twice.
+            self._release(lease, task_id, key)
+            raise _Skipped(previous.result)
+
+    def _release_enqueue_lease(
+        self, store: Store, key: str, opts: TaskOptions, task_id: str
+    ) -> None:
+        if opts.hold in ("queued", "queued_and_running"):
+            try:
+                store.backend.release(_enqueue_key(key, opts), task_id)
+            except BackendError:
+                logger.warning("could not release the enqueue lease of %s", key, exc_info=True)
+
+    def _release(self, lease: Lease, task_id: str, key: str) -> None:
+        try:
+            released = lease.release()
+        except BackendError:
+            logger.warning(
+                "releasing %r failed; it expires within %s s", key, lease.ttl, exc_info=True
+            )
+            released = False
+        signals.exclusive_released.send(sender=self, task_id=task_id, key=key, released=released)
+
+    def _lost(self, task_id: str, key: str, reason: str) -> None:
+        signals.exclusive_lost.send(sender=self, task_id=task_id, key=key, reason=reason)
+
+
+class _Skipped(Exception):
+    """Internal: end the run now with ``value`` as its result."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__(value)
+        self.value = value
+
+
+def _skip_record(
+    key: str, holder: Mapping[str, Any], reason: str = "already running"
+) -> dict[str, Any]:
+    return {
+        "exclusive": "skipped",
+        "reason": reason,
+        "key": key,
+        "holder_task_id": holder.get("task_id"),
+        "holder": {k: v for k, v in holder.items() if k != "token"},
+    }
+
+
+def _enqueue_key(key: str, opts: TaskOptions) -> str:
+    # until_done: one lease from enqueue to the end of the run, on the plain key.
+    return key if opts.hold == "until_done" else key + QUEUED_SUFFIX
+
+
+def _header(request: Any) -> dict[str, Any]:
+    value = (getattr(request, "headers", None) or {}).get(HEADER)
+    if value is None:
+        value = getattr(request, HEADER, None)
+    return value if isinstance(value, dict) else {}
+
+
+def _delay(options: Mapping[str, Any]) -> float:
+    countdown = options.get("countdown")
+    if countdown:
+        return max(float(countdown), 0.0)
+    eta = options.get("eta")
+    if isinstance(eta, datetime):
+        now = datetime.now(eta.tzinfo or timezone.utc) if eta.tzinfo else datetime.now()
+        return max((eta - now).total_seconds(), 0.0)
+    return 0.0
+
+
+def _time_limit(task: Any, request: Any) -> float | None:
+    limits = getattr(request, "timelimit", None) or (None, None)
+    hard = limits[0] if limits and limits[0] else getattr(task, "time_limit", None)
+    if hard is None:
+        hard = task.app.conf.get("task_time_limit")
+    return float(hard) if hard else None
+
+
+_builders: dict[tuple[type, str, Any], KeyBuilder] = {}
+_builders_lock = threading.Lock()
+
+
+def _key_builder(cls: type, spec: Any, name: str | None) -> KeyBuilder | None:
+    """Return the (cached) key builder of task class ``cls``; None before it has a name."""
+    run = inspect.getattr_static(cls, "run", None)
+    if run is None or not name:
+        return None
+    hashable = spec if isinstance(spec, (str, type(None))) or callable(spec) else tuple(spec)
+    cache_key = (cls, name, hashable)
+    with _builders_lock:
+        builder = _builders.get(cache_key)
+        if builder is None:
+            if isinstance(run, staticmethod):
+                func, bound = run.__func__, False
+            else:
+                func, bound = run, True
+            builder = KeyBuilder(name, func, spec, skip_first=bound)
+            _builders[cache_key] = builder
+        return builder

@@ -1,0 +1,234 @@
+"""The Celery app the integration tests run on real workers.
+
+Configured from the environment, so that the test process and the worker subprocesses agree:
+``CEX_BROKER_URL``, ``CEX_RESULT_URL``, ``CEX_STORE_URL``, ``CEX_PREFIX`` (store key prefix),
+``CEX_QUEUE``, ``CEX_VISIBILITY`` (Redis visibility timeout, for redelivery tests).
+
+Every task records each execution (task id, key, start, end, fence, pid) in a Redis list named
+by its ``tag`` argument, for :func:`tests.history.check_history`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.exceptions import Ignore, Reject
+
+from celery_exclusive.celery import ExclusiveTask, exclusive
+
+app = Celery("cex_tests")
+
+
+def configure(
+    broker: str, result: str, store: str, prefix: str, queue: str, visibility: float | None = None
+) -> None:
+    """Point the app at its servers (the test process calls it; workers read the environment)."""
+    from celery_exclusive.celery.config import reset
+
+    transport: dict[str, Any] = {}
+    if visibility:
+        transport = {
+            "visibility_timeout": visibility,
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+        }
+    app.conf.update(
+        broker_url=broker,
+        result_backend=result,
+        exclusive_url=store,
+        exclusive_prefix=prefix,
+        task_default_queue=queue,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        task_track_started=True,
+        result_expires=600,
+    )
+    reset(app)
+
+
+if os.environ.get("CEX_BROKER_URL"):
+    configure(
+        os.environ["CEX_BROKER_URL"],
+        os.environ["CEX_RESULT_URL"],
+        os.environ["CEX_STORE_URL"],
+        os.environ["CEX_PREFIX"],
+        os.environ["CEX_QUEUE"],
+        float(os.environ.get("CEX_VISIBILITY") or 0) or None,
+    )
+
+_history: redis.Redis | None = None
+_history_pid = 0
+
+
+def history_client() -> redis.Redis:
+    global _history, _history_pid
+    if _history is None or _history_pid != os.getpid():
+        _history = redis.Redis.from_url(app.conf.exclusive_url, socket_timeout=10)
+        _history_pid = os.getpid()
+    return _history
+
+
+def history_key(tag: str) -> str:
+    return f"{app.conf.exclusive_prefix}:history:{tag}"
+
+
+def read_history(tag: str) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in history_client().lrange(history_key(tag), 0, -1)]
+
+
+def record(task: Any, key: str, tag: str, duration: float) -> int | None:
+    """Record one execution of ``task`` that works for ``duration`` seconds."""
+    lease = task.exclusive
+    entry: dict[str, Any] = {
+        "id": task.request.id,
+        "key": key,
+        "fence": lease.fence if lease else None,
+        "pid": os.getpid(),
+        "retries": task.request.retries,
+        "start": time.monotonic_ns() / 1e9,
+    }
+    client = history_client()
+    client.rpush(history_key(tag) + ":started", task.request.id)
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:  # the "work": interruptible, bounded
+        time.sleep(min(0.02, max(deadline - time.monotonic(), 0)))
+    entry["end"] = time.monotonic_ns() / 1e9
+    client.rpush(history_key(tag), json.dumps(entry))
+    return entry["fence"]
+
+
+@app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["customer_id"]})
+def sync_customer(self: Any, customer_id: int, tag: str = "", duration: float = 0.2) -> int:
+    record(self, f"sync:{customer_id}", tag, duration)
+    return customer_id
+
+
+@app.task(
+    bind=True,
+    base=ExclusiveTask,
+    exclusive={"key": ["customer_id"], "on_conflict": "wait", "wait_timeout": 60},
+)
+def sync_wait(self: Any, customer_id: int, tag: str = "", duration: float = 0.2) -> int:
+    record(self, f"wait:{customer_id}", tag, duration)
+    return customer_id
+
+
+@app.task(bind=True, base=ExclusiveTask, exclusive={"key": [], "on_conflict": "raise"})
+def report_raise(self: Any, tag: str = "", duration: float = 0.5) -> str:
+    record(self, "report", tag, duration)
+    return "done"
+
+
+@app.task(
+    bind=True,
+    base=ExclusiveTask,
+    exclusive={
+        "key": [],
+        "on_conflict": "retry",
+        "retry_countdown": 0.3,
+        "retry_backoff": 1,
+        "max_retries": 50,
+    },
+)
+def report_retry(self: Any, tag: str = "", duration: float = 0.5) -> str:
+    record(self, "report-retry", tag, duration)
+    return "done"
+
+
+@app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["customer_id"], "hold": "queued"})
+def import_queued(self: Any, customer_id: int, tag: str = "", duration: float = 0.1) -> int:
+    record(self, f"import:{customer_id}", tag, duration)
+    return customer_id
+
+
+@app.task(
+    bind=True,
+    base=ExclusiveTask,
+    exclusive={"key": ["customer_id"], "hold": "queued_and_running", "on_conflict": "wait"},
+)
+def import_both(self: Any, customer_id: int, tag: str = "", duration: float = 0.3) -> int:
+    record(self, f"both:{customer_id}", tag, duration)
+    return customer_id
+
+
+@app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["customer_id"], "hold": "until_done"})
+def flaky(self: Any, customer_id: int, tag: str = "", fail_times: int = 2) -> int:
+    record(self, f"flaky:{customer_id}", tag, 0.05)
+    if self.request.retries < fail_times:
+        raise self.retry(countdown=0.2, max_retries=5)
+    return self.request.retries
+
+
+@app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["n"]})
+def ignored(self: Any, n: int) -> None:
+    raise Ignore()
+
+
+@app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["n"]})
+def rejected(self: Any, n: int) -> None:
+    raise Reject("no thanks", requeue=False)
+
+
+@app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["n"]})
+def failing(self: Any, n: int) -> None:
+    raise ValueError(f"failing {n}")
+
+
+@app.task(
+    bind=True,
+    base=ExclusiveTask,
+    exclusive={"key": ["n"]},
+    autoretry_for=(ValueError,),
+    max_retries=2,
+    default_retry_delay=0.1,
+)
+def autoretried(self: Any, n: int) -> None:
+    raise ValueError(f"autoretried {n}")
+
+
+@app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["customer_id"], "ttl": 1.0})
+def slow(self: Any, customer_id: int, tag: str = "", duration: float = 30.0) -> int:
+    record(self, f"slow:{customer_id}", tag, duration)
+    return customer_id
+
+
+@app.task(
+    bind=True,
+    base=ExclusiveTask,
+    exclusive={"key": ["customer_id"], "hold": "until_done", "ttl": 1.0},
+)
+def slow_until_done(self: Any, customer_id: int, tag: str = "", duration: float = 30.0) -> int:
+    record(self, f"slowud:{customer_id}", tag, duration)
+    return customer_id
+
+
+@app.task(
+    bind=True,
+    base=ExclusiveTask,
+    acks_late=True,
+    exclusive={"key": ["customer_id"], "ttl": 2.0, "wait_timeout": 60},
+)
+def late(self: Any, customer_id: int, tag: str = "", duration: float = 6.0) -> int:
+    record(self, f"late:{customer_id}", tag, duration)
+    return customer_id
+
+
+@app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["customer_id"]}, time_limit=1.5)
+def limited(self: Any, customer_id: int, tag: str = "", duration: float = 30.0) -> int:
+    record(self, f"limited:{customer_id}", tag, duration)
+    return customer_id
+
+
+@exclusive(key=["customer_id"])
+@app.task(bind=True)
+def decorated(self: Any, customer_id: int, tag: str = "", duration: float = 0.2) -> int:
+    record(self, f"decorated:{customer_id}", tag, duration)
+    return customer_id

@@ -1,0 +1,128 @@
+"""Real Celery worker processes for the integration tests.
+
+A worker runs ``celery -A tests.celery_app worker`` in its own process group (so a kill reaches
+its pool children too), logs to a file shown when a test fails, and is ready when its log says
+so. Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from .servers import GaveUp, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Worker:
+    """One ``celery worker`` process (with its pool)."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        pool: str = "prefork",
+        concurrency: int = 2,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        self.name = f"w{uuid.uuid4().hex[:6]}@%h"
+        self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+        self.pool = pool
+        self.concurrency = concurrency
+        self.extra = extra
+        self.log = Path(tempfile.mkdtemp(prefix="cex-worker-")) / "worker.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> Worker:
+        args = [
+            sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker",
+            "-P", self.pool, "-c", str(self.concurrency), "-n", self.name,
+            "-Q", self.env["CEX_QUEUE"], "-l", "INFO",
+            "--without-mingle", "--without-gossip", "--without-heartbeat",
+            *self.extra,
+        ]  # fmt: skip
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                args, cwd=ROOT, env=self.env, stdout=out, stderr=out, start_new_session=True
+            )
+        wait_until(self._ready, timeout, f"worker {self.name} to be ready", step=0.05)
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise GaveUp(f"worker exited with {self.proc.returncode}:\n{self.output()}")
+        return " ready." in self.output()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 30) -> None:
+        """Warm shutdown (SIGTERM); SIGKILL the group if it does not end in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool children: no Python code runs in any of them."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def __enter__(self) -> Worker:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def worker_env(
+    redis_url: str, prefix: str, queue: str, visibility: float | None = None
+) -> dict[str, str]:
+    """The environment that points a worker (and tests.celery_app) at its servers."""
+    base = redis_url.rsplit("/", 1)[0]
+    return {
+        "CEX_BROKER_URL": f"{base}/0",
+        "CEX_RESULT_URL": f"{base}/1",
+        "CEX_STORE_URL": f"{base}/2",
+        "CEX_PREFIX": prefix,
+        "CEX_QUEUE": queue,
+        "CEX_VISIBILITY": str(visibility or ""),
+    }
+
+
+def wait_for(results: list[Any], timeout: float = 60) -> list[Any]:
+    """Wait for every AsyncResult to be ready; return their results (exceptions included)."""
+    deadline = time.monotonic() + timeout
+    values = []
+    for result in results:
+        remaining = max(deadline - time.monotonic(), 0.1)
+        values.append(result.get(timeout=remaining, propagate=False))
+    return values
