@@ -41,6 +41,7 @@ from ..exceptions import AlreadyQueued, AlreadyRunning, BackendError, Configurat
 from ..keys import KeyBuilder
 from ..lease import Lease
 from ..options import RUN_HOLDS, TaskOptions
+from ..store import Store
 from . import signals
 from .config import settings_for, store_for
 
