@@ -26,22 +26,22 @@ _FALSE = {"0", "false", "no", "off", ""}
 class Settings:
     """Library-wide settings.
 
-    ``url``: the store (``redis://...``); None means "find one" (the Celery adapter then tries
-    the result backend and the broker). ``prefix``: the first part of every store key.
+    ``url``: the store (``redis://...``, or a redis-py client); None means "find one" (the
+    Celery adapter then tries the result backend and the broker). ``prefix``: the first part of every store key.
     ``enabled``: False turns every lock off (for test suites that want none).
     ``queue_ttl``: how long an enqueue lease waits for its task to start (plus any
     countdown/ETA), since nobody can renew a lease for a message sitting in a queue.
     ``task_defaults``: default options for every protected task (``ttl``, ``hold``, ...).
     """
 
-    url: str | None = None
+    url: str | Any = None
     prefix: str = "exclusive"
     enabled: bool = True
     queue_ttl: float = 3600.0
     task_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.url is not None and not isinstance(self.url, str):
+        if isinstance(self.url, (bytes, int, float)):
             raise ConfigurationError(f"exclusive url must be a str, not {type(self.url).__name__}")
         if not isinstance(self.prefix, str) or not self.prefix or "{" in self.prefix:
             raise ConfigurationError(
