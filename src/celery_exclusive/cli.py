@@ -29,7 +29,7 @@ def _store(args: argparse.Namespace) -> Any:
     return connect(url, **options)
 
 
-def _rows(infos: Sequence[LeaseInfo]) -> list[dict[str, Any]]:
+def _rows(infos: Sequence[LeaseInfo], *, tokens: bool = True) -> list[dict[str, Any]]:
     rows = []
     for info in infos:
         for holder in info.holders:
@@ -44,7 +44,7 @@ def _rows(infos: Sequence[LeaseInfo]) -> list[dict[str, Any]]:
                     "task_name": meta.pop("task_name", ""),
                     "worker": meta.pop("node", "")
                     or f"{meta.get('host', '')}:{meta.get('pid', '')}",
-                    "token": holder.token,
+                    **({"token": holder.token} if tokens else {}),
                 }
             )
     return rows
@@ -65,15 +65,19 @@ def print_table(rows: list[dict[str, Any]], out: TextIO) -> None:
         for r in rows:
             print("  ".join(str(r[c]).ljust(widths[c]) for c in columns), file=out)
         return
-    table = Table(*columns)
+    table = Table()
+    for c in columns:
+        table.add_column(c, overflow="fold")  # fold, never cut: keys must stay copyable
     for r in rows:
         table.add_row(*(str(r[c]) for c in columns))
-    Console(file=out).print(table)
+    wide = None if getattr(out, "isatty", lambda: False)() else 200
+    Console(file=out, width=wide).print(table)
 
 
-def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
-    rows = _rows(list(_store(args).leases(args.match)))
-    if args.json:
+def list_leases(store: Any, *, match: str | None, as_json: bool, out: TextIO) -> int:
+    """Print every held lease (optionally matching a glob); return the exit code."""
+    rows = _rows(list(store.leases(match)), tokens=as_json)
+    if as_json:
         json.dump(rows, out, indent=2)
         print(file=out)
     else:
@@ -81,26 +85,40 @@ def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
-    holders = _store(args).holders(args.key)
-    if args.json:
+def show_lease(store: Any, key: str, *, as_json: bool, out: TextIO) -> int:
+    """Print the holders of ``key``; exit code 1 when it is free."""
+    holders = store.holders(key)
+    if as_json:
         json.dump([h.as_dict() for h in holders], out, indent=2)
         print(file=out)
     elif holders:
-        print_table(_rows([LeaseInfo(args.key, holders)]), out)
+        print_table(_rows([LeaseInfo(key, holders)]), out)  # with tokens: for --token
     else:
-        print(f"{args.key!r} is free", file=out)
+        print(f"{key!r} is free", file=out)
     return 0 if holders else 1
 
 
-def cmd_release(args: argparse.Namespace, out: TextIO) -> int:
-    removed = _store(args).force_release(args.key, args.token)
-    if args.json:
-        json.dump({"key": args.key, "released": removed}, out)
+def release_lease(store: Any, key: str, *, token: str | None, as_json: bool, out: TextIO) -> int:
+    """Force-release ``key`` (one holder by token, or all); exit code 1 when nothing was held."""
+    removed = store.force_release(key, token)
+    if as_json:
+        json.dump({"key": key, "released": removed}, out)
         print(file=out)
     else:
-        print(f"released {removed} hold(s) on {args.key!r}", file=out)
+        print(f"released {removed} hold(s) on {key!r}", file=out)
     return 0 if removed else 1
+
+
+def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
+    return list_leases(_store(args), match=args.match, as_json=args.json, out=out)
+
+
+def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
+    return show_lease(_store(args), args.key, as_json=args.json, out=out)
+
+
+def cmd_release(args: argparse.Namespace, out: TextIO) -> int:
+    return release_lease(_store(args), args.key, token=args.token, as_json=args.json, out=out)
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:

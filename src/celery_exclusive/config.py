@@ -27,7 +27,8 @@ class Settings:
     """Library-wide settings.
 
     ``url``: the store (``redis://...``, or a redis-py client); None means "find one" (the
-    Celery adapter then tries the result backend and the broker). ``prefix``: the first part of every store key.
+    Celery adapter then tries the result backend and the broker). ``prefix``: the first part
+    of every store key.
     ``enabled``: False turns every lock off (for test suites that want none).
     ``queue_ttl``: how long an enqueue lease waits for its task to start (plus any
     countdown/ETA), since nobody can renew a lease for a message sitting in a queue.

@@ -148,7 +148,7 @@ def test_an_argument_that_cannot_be_keyed_publishes_nothing(app: Celery) -> None
 
     before_task_publish.connect(count, weak=False)
     try:
-        with pytest.raises(KeyArgumentError, match="'n'.*object"):
+        with pytest.raises(KeyArgumentError, match=r"'n'.*object"):
             queued.delay(object())
         with pytest.raises(ConfigurationError, match="per-call"):
             queued.apply_async((1,), exclusive={"key": lambda n: n})

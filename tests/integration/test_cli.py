@@ -1,0 +1,72 @@
+"""The command line: ``celery-exclusive`` and ``celery -A app exclusive`` on a real Redis."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+from celery_exclusive import connect
+from celery_exclusive.cli import main
+
+from ..workers import ROOT, worker_env
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = main(list(argv), out=out)
+    return code, out.getvalue()
+
+
+def test_list_show_release(redis_url: str, prefix: str) -> None:
+    store = connect(redis_url, prefix=prefix)
+    lease = store.lease("myapp.sync:customer_id=42", meta={"task_id": "t-1", "task_name": "sync"})
+    lease.acquire()
+    code, text = run("list", "--url", redis_url, "--prefix", prefix, "--json")
+    assert code == 0
+    (row,) = json.loads(text)
+    assert row["key"] == "myapp.sync:customer_id=42"
+    assert row["task_id"] == "t-1" and row["fence"] == lease.fence
+    code, text = run("list", "--url", redis_url, "--prefix", prefix)
+    assert "myapp.sync:customer_id=42" in text and "t-1" in text
+    code, text = run("show", "myapp.sync:customer_id=42", "--url", redis_url, "--prefix", prefix)
+    assert code == 0 and "t-1" in text
+    code, text = run("release", "myapp.sync:customer_id=42", "--url", redis_url, "--prefix", prefix)
+    assert code == 0 and "released 1" in text
+    assert not lease.renew()  # the holder sees it lost
+    code, text = run("show", "myapp.sync:customer_id=42", "--url", redis_url, "--prefix", prefix)
+    assert code == 1 and "free" in text
+
+
+def test_missing_store_is_a_clear_error(capsys: object) -> None:
+    env = dict(os.environ)
+    env.pop("CELERY_EXCLUSIVE_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "celery_exclusive.cli", "list"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "CELERY_EXCLUSIVE_URL" in result.stderr
+
+
+def test_celery_subcommand_uses_the_apps_store(redis_url: str, prefix: str) -> None:
+    env = worker_env(redis_url, prefix, "unused")
+    store = connect(env["CEX_STORE_URL"], prefix=prefix)
+    lease = store.lease("cex_tests.report", meta={"task_id": "t-9"})
+    lease.acquire()
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.celery_app", "exclusive", "list", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [r["task_id"] for r in json.loads(result.stdout)] == ["t-9"]
+    lease.release()
