@@ -10,6 +10,8 @@ No Celery import here: the Celery integration reads these, and so can any other 
                         released at start, the second at the end
     until_done          taken at enqueue, released when the task ends (success, failure,
                         or its final retry); kept across retries
+    period              taken at enqueue, freed only by expiry after ``ttl``: a throttle,
+                        at most one run per period per key
 
 ``on_conflict`` (worker side, the key is held when the task starts): ``skip`` (the run ends
 SUCCESS with a result saying it was skipped and who holds the key), ``raise``
@@ -18,7 +20,12 @@ SUCCESS with a result saying it was skipped and who holds the key), ``raise``
 
 ``on_duplicate`` (enqueue side, a copy is already queued): ``return_existing`` (the caller gets
 the AsyncResult of the queued or running copy), ``skip`` (``apply_async`` returns None),
-``raise`` (``AlreadyQueued``).
+``raise`` (``AlreadyQueued``), ``replace`` (revoke the queued copy and queue this one: the
+latest call wins, a debounce), ``keep_last`` (at most one running and one pending per key; a
+call while one is pending gives the pending one this call's arguments, and returns its result).
+
+``on_lock_lost`` (the lease of a running task is found gone): ``warn`` (log, signal, and
+``ensure_held()`` raises) or ``abort`` (the task is interrupted with ``LeaseLost``).
 """
 
 from __future__ import annotations
@@ -32,12 +39,13 @@ from .exceptions import ConfigurationError
 
 __all__ = ["HOLDS", "ON_CONFLICT", "ON_DUPLICATE", "TASK_OPTION_NAMES", "TaskOptions"]
 
-HOLDS = ("running", "queued", "queued_and_running", "until_done")
+HOLDS = ("running", "queued", "queued_and_running", "until_done", "period")
 ON_CONFLICT = ("skip", "raise", "retry", "wait")
-ON_DUPLICATE = ("return_existing", "skip", "raise")
+ON_DUPLICATE = ("return_existing", "skip", "raise", "replace", "keep_last")
+ON_LOCK_LOST = ("warn", "abort")
 
 #: Holds that take a lease at enqueue / at the start of the run.
-ENQUEUE_HOLDS = frozenset({"queued", "queued_and_running", "until_done"})
+ENQUEUE_HOLDS = frozenset({"queued", "queued_and_running", "until_done", "period"})
 RUN_HOLDS = frozenset({"running", "queued_and_running"})
 
 
@@ -49,6 +57,7 @@ class TaskOptions:
     hold: str = "running"
     on_conflict: str = "skip"
     on_duplicate: str = "return_existing"
+    on_lock_lost: str = "warn"
     ttl: float = 30.0
     limit: int = 1
     wait_timeout: float = 60.0
@@ -62,6 +71,18 @@ class TaskOptions:
         _choice("hold", self.hold, HOLDS)
         _choice("on_conflict", self.on_conflict, ON_CONFLICT)
         _choice("on_duplicate", self.on_duplicate, ON_DUPLICATE)
+        _choice("on_lock_lost", self.on_lock_lost, ON_LOCK_LOST)
+        if self.on_duplicate == "replace" and self.hold not in ("queued", "queued_and_running"):
+            raise ConfigurationError(
+                "exclusive option on_duplicate='replace' needs hold='queued' or "
+                "'queued_and_running' (a copy that is still waiting to be replaced), "
+                f"not {self.hold!r}"
+            )
+        if self.on_duplicate == "keep_last" and self.hold != "queued_and_running":
+            raise ConfigurationError(
+                "exclusive option on_duplicate='keep_last' needs hold='queued_and_running' "
+                f"(one running plus one pending), not {self.hold!r}"
+            )
         for name in ("ttl", "wait_timeout", "retry_countdown", "retry_max_countdown"):
             _seconds(name, getattr(self, name))
         if self.max_hold is not None:

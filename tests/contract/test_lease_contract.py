@@ -8,6 +8,7 @@ import time
 import pytest
 
 from celery_exclusive import AlreadyHeld, LeaseLost, Store, Timeout, events
+from celery_exclusive.backends.base import Backend
 from celery_exclusive.renewal import Renewer
 
 from ..servers import wait_until
@@ -262,3 +263,17 @@ def test_a_stale_renewal_reply_does_not_mark_a_newer_grant_lost(store: Store) ->
     assert lost == []
     assert lease.held
     lease.release()
+
+
+def test_update_meta_and_take_hand_a_lease_over(store: Store) -> None:
+    if type(store.backend).update_meta is Backend.update_meta:
+        pytest.skip(f"{store.backend.describe()} does not offer hand-overs (keep_last)")
+    lease = store.lease("pending", meta={"call": 1})
+    lease.acquire()
+    assert store.backend.update_meta("pending", lease.token, '{"call":2}') is True
+    assert store.holders("pending")[0].meta == {"call": 2}
+    assert store.backend.update_meta("pending", "someone-else", "{}") is False
+    assert store.backend.take("pending", lease.token) == '{"call":2}'
+    assert store.holders("pending") == []
+    assert store.backend.take("pending", lease.token) is None
+    assert store.backend.update_meta("pending", lease.token, "{}") is False

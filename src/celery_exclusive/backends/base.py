@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..exceptions import ConfigurationError
+
 __all__ = ["Backend", "Conflict", "Grant", "Holder", "LeaseInfo", "RenewRequest"]
 
 #: How long a key's fence counter outlives its last grant. Fences are seeded from the store's
@@ -143,6 +145,20 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def force_release(self, key: str, token: str | None = None) -> int:
         """Remove ``token``'s hold (or every hold when None) on ``key``; return how many."""
+
+    def update_meta(self, key: str, token: str, meta: str) -> bool:
+        """Replace ``token``'s metadata if it still holds a live lease; return whether it did.
+
+        Optional (used by ``keep_last``); a backend that cannot do it atomically leaves it out.
+        """
+        raise ConfigurationError(f"the {self.describe()} store cannot update a holder in place")
+
+    def take(self, key: str, token: str) -> str | None:
+        """Release ``token``'s lease and return its metadata (None if it held none), atomically.
+
+        Optional (used by ``keep_last``); a backend that cannot do it atomically leaves it out.
+        """
+        raise ConfigurationError(f"the {self.describe()} store cannot hand a lease over")
 
     def close(self) -> None:  # noqa: B027 (optional hook, most backends have nothing to do)
         """Release connections held by this backend."""

@@ -132,6 +132,23 @@ class MemoryBackend(Backend):
             self._signal(key, removed)
             return removed
 
+    def update_meta(self, key: str, token: str, meta: str) -> bool:
+        with self._cond:
+            entry = self._live(key, self._clock()).get(token)
+            if entry is not None:
+                entry.meta = meta
+            return entry is not None
+
+    def take(self, key: str, token: str) -> str | None:
+        with self._cond:
+            entry = self._live(key, self._clock()).pop(token, None)
+            if not self._leases.get(key):
+                self._leases.pop(key, None)
+            if entry is None:
+                return None
+            self._signal(key, 1)
+            return entry.meta
+
     def describe(self) -> str:
         return f"memory://{self._name}"
 

@@ -87,7 +87,15 @@ class RedisBackend(Backend):
         self._socket_timeout = self._client_socket_timeout(client)
         self._sources = {
             name: _load_script(name)
-            for name in ("acquire", "release", "renew", "holders", "force_release")
+            for name in (
+                "acquire",
+                "release",
+                "renew",
+                "holders",
+                "force_release",
+                "update_meta",
+                "take",
+            )
         }
         self._scripts = {name: client.register_script(src) for name, src in self._sources.items()}
         self._errors: tuple[type[BaseException], ...] = (
@@ -248,6 +256,17 @@ class RedisBackend(Backend):
             [token or "", SIGNAL_TTL_MS],
         )
         return int(reply)
+
+    def update_meta(self, key: str, token: str, meta: str) -> bool:
+        return bool(int(self._call("update_meta", [self._k(key, "lease")], [token, meta])))
+
+    def take(self, key: str, token: str) -> str | None:
+        reply = self._call(
+            "take", [self._k(key, "lease"), self._k(key, "signal")], [token, SIGNAL_TTL_MS]
+        )
+        if reply is None:
+            return None
+        return reply.decode() if isinstance(reply, bytes) else str(reply)
 
     def close(self) -> None:
         try:

@@ -25,7 +25,9 @@ Where the leases are taken and given back, and why there:
 
 from __future__ import annotations
 
+import ctypes
 import inspect
+import json
 import logging
 import secrets
 import threading
@@ -37,7 +39,13 @@ from celery import Task
 from celery.exceptions import Retry
 from celery.utils import uuid
 
-from ..exceptions import AlreadyQueued, AlreadyRunning, BackendError, ConfigurationError
+from ..exceptions import (
+    AlreadyQueued,
+    AlreadyRunning,
+    BackendError,
+    ConfigurationError,
+    LeaseLost,
+)
 from ..keys import KeyBuilder
 from ..lease import Lease
 from ..options import RUN_HOLDS, TaskOptions
@@ -52,6 +60,7 @@ logger = logging.getLogger(__name__)
 #: The message header carrying the key and per-call options to the worker (copied on retries).
 HEADER = "exclusive"
 QUEUED_SUFFIX = "@queued"
+PERIOD_SUFFIX = "@period"
 
 
 def is_skipped(result: object) -> bool:
@@ -163,23 +172,40 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
             )
 
+        if _in_canvas(options, link, link_error):
+            # A group, chord or chain counts on this exact message being published (a chord's
+            # body waits for every header member's own result id), so de-duplication would
+            # hang it. Publish; the run lease still keeps the copies from running at once.
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+
         task_id = task_id or uuid()
         retry = bool(options.get("retries"))
-        store = store_for(self.app)
-        lease = store.lease(
+        meta: dict[str, Any] = {"task_id": task_id, "task_name": self.name, "state": "queued"}
+        if opts.on_duplicate == "keep_last":
+            meta["call"] = _call_record(self.name, args, kwargs)
+        lease = store_for(self.app).lease(
             _enqueue_key(key, opts),
             token=task_id,
-            ttl=settings.queue_ttl + _delay(options),
+            ttl=opts.ttl if opts.hold == "period" else settings.queue_ttl + _delay(options),
             limit=opts.limit,
             auto_renew=False,
-            meta={"task_id": task_id, "task_name": self.name, "state": "queued"},
+            meta=meta,
         )
         current = self.exclusive if getattr(self.request, "id", None) == task_id else None
         if current is not None and current.key == lease.key:
             current.detach()  # the retry message owns it now, with the queue's ttl
         acquired = lease.acquire()
         if not acquired and not retry:
-            return self._on_duplicate(key, lease, opts)
+            if opts.on_duplicate == "replace":
+                acquired = self._replace(key, lease)
+            elif opts.on_duplicate == "keep_last":
+                existing, acquired = self._keep_last(key, lease, meta)
+                if existing is not None:
+                    return existing
+            if not acquired:
+                return self._on_duplicate(key, lease, opts)
         if not acquired:
             # Never drop a retry: it is the continuation of work already accepted.
             logger.debug("retry of %s published although %r is held", task_id, lease.key)
@@ -191,6 +217,53 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             if acquired and not retry:
                 lease.release()  # nothing left behind when publishing fails
             raise
+
+    def _replace(self, key: str, lease: Lease) -> bool:
+        """Revoke the queued copy(ies) holding ``lease.key`` and take the key; return success.
+
+        Bounded: concurrent replacers may take turns; the last one to acquire wins and the
+        copies it saw are revoked.
+        """
+        backend = lease.backend
+        for _ in range(5):
+            for holder in lease.holders:
+                existing = str(holder.get("task_id") or "")
+                backend.force_release(lease.key, str(holder["token"]))
+                if existing:
+                    self.app.control.revoke(existing)
+                    signals.exclusive_duplicate.send(
+                        sender=self, key=key, existing_task_id=existing, action="replace"
+                    )
+            if lease.acquire():
+                return True
+        return False
+
+    def _keep_last(self, key: str, lease: Lease, meta: dict[str, Any]) -> tuple[Any, bool]:
+        """Give the pending copy this call's arguments, or become the pending copy.
+
+        Returns (the pending copy's AsyncResult, False) when the arguments were handed to it,
+        or (None, True) when this call took the pending slot itself. Each hand-over is one
+        atomic update of the pending holder; if that holder started meanwhile (its slot is
+        gone), this call tries to take the slot instead, so no call's arguments are lost.
+        """
+        for _ in range(20):
+            for holder in lease.holders:
+                pending = {k: v for k, v in holder.items() if k not in _HOLDER_FIELDS}
+                pending["call"] = meta["call"]
+                text = json.dumps(pending, separators=(",", ":"))
+                if lease.backend.update_meta(lease.key, str(holder["token"]), text):
+                    existing = str(holder.get("task_id") or "")
+                    signals.exclusive_duplicate.send(
+                        sender=self, key=key, existing_task_id=existing, action="keep_last"
+                    )
+                    return self.AsyncResult(existing), False
+            if lease.acquire():
+                return None, True
+        raise AlreadyQueued(
+            f"{self.name}: could not hand the newest arguments to the pending copy of {key!r}",
+            key=key,
+            holder=lease.holder,
+        )
 
     def _on_duplicate(self, key: str, lease: Lease, opts: TaskOptions) -> Any:
         holder = lease.holder or {}
@@ -220,12 +293,15 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         key = header.get("key") or self.exclusive_key(args, kwargs, header.get("opts"))
         store = store_for(self.app)
         task_id = str(request.id)
+        abort = _Abort()
         try:
-            lease = self._take_run_lease(store, key, opts, task_id, request)
+            lease = self._take_run_lease(store, key, opts, task_id, request, abort)
         except _Skipped as skipped:
             self._release_enqueue_lease(store, key, opts, task_id)
             return skipped.value
-        self._release_enqueue_lease(store, key, opts, task_id)
+        call = self._release_enqueue_lease(store, key, opts, task_id)
+        if call is not None:  # keep_last: run with the newest arguments handed to us
+            args, kwargs = tuple(call.get("args") or ()), dict(call.get("kwargs") or {})
         if lease is None:
             return super().__call__(*args, **kwargs)
 
@@ -233,7 +309,17 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         request._exclusive_lease = lease
         retrying = False
         try:
-            return super().__call__(*args, **kwargs)
+            if opts.on_lock_lost == "abort":
+                abort.arm()
+            try:
+                return super().__call__(*args, **kwargs)
+            finally:
+                abort.disarm()
+        except _LeaseLostAbort:
+            raise LeaseLost(
+                f"{self.name}[{task_id}] aborted: its lease on {key!r} was lost ({abort.reason})",
+                key=key,
+            ) from None
         except Retry:
             retrying = True
             raise
@@ -245,7 +331,7 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
                 self._release(lease, task_id, key)
 
     def _take_run_lease(
-        self, store: Store, key: str, opts: TaskOptions, task_id: str, request: Any
+        self, store: Store, key: str, opts: TaskOptions, task_id: str, request: Any, abort: _Abort
     ) -> Lease | None:
         """Take the lease a run holds (None when ``hold`` has none); raise _Skipped to skip."""
         if opts.hold not in RUN_HOLDS and opts.hold != "until_done":
@@ -266,16 +352,22 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
                 "state": "running",
             },
             max_hold=opts.max_hold or _time_limit(self, request),
-            on_lost=lambda _lease, reason: self._lost(task_id, key, reason),
+            on_lost=lambda _lease, reason: self._lost(task_id, key, reason, abort),
         )
         self._acquire_for_run(lease, key, opts, task_id)
         return lease
 
     def _acquire_for_run(self, lease: Lease, key: str, opts: TaskOptions, task_id: str) -> None:
         """Take the run lease; on a conflict apply ``on_conflict`` (raise _Skipped to skip)."""
-        wait = opts.on_conflict == "wait"
+        keep_last = opts.on_duplicate == "keep_last"
+        wait = opts.on_conflict == "wait" or keep_last
         if lease.acquire(blocking=wait, timeout=opts.wait_timeout if wait else None):
             return
+        if keep_last and (lease.holder or {}).get("task_id") != task_id:
+            # The pending copy keeps its slot (and the newest arguments) while it retries.
+            raise self.retry(
+                countdown=min(opts.retry_countdown, opts.retry_max_countdown), max_retries=None
+            )
         holder = lease.holder or {}
         if holder.get("task_id") == task_id:
             self._redelivered(lease, key, opts, task_id)
@@ -326,12 +418,21 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
 
     def _release_enqueue_lease(
         self, store: Store, key: str, opts: TaskOptions, task_id: str
-    ) -> None:
-        if opts.hold in ("queued", "queued_and_running"):
-            try:
-                store.backend.release(_enqueue_key(key, opts), task_id)
-            except BackendError:
-                logger.warning("could not release the enqueue lease of %s", key, exc_info=True)
+    ) -> dict[str, Any] | None:
+        """Give back the enqueue lease at the start of a run; return keep_last's newest call."""
+        if opts.hold not in ("queued", "queued_and_running"):
+            return None
+        enqueue_key = _enqueue_key(key, opts)
+        try:
+            if opts.on_duplicate != "keep_last":
+                store.backend.release(enqueue_key, task_id)
+                return None
+            taken = store.backend.take(enqueue_key, task_id)
+        except BackendError:
+            logger.warning("could not release the enqueue lease of %s", key, exc_info=True)
+            return None
+        call = json.loads(taken).get("call") if taken else None
+        return call if isinstance(call, dict) else None
 
     def _release(self, lease: Lease, task_id: str, key: str) -> None:
         try:
@@ -343,8 +444,53 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             released = False
         signals.exclusive_released.send(sender=self, task_id=task_id, key=key, released=released)
 
-    def _lost(self, task_id: str, key: str, reason: str) -> None:
+    def _lost(self, task_id: str, key: str, reason: str, abort: _Abort) -> None:
         signals.exclusive_lost.send(sender=self, task_id=task_id, key=key, reason=reason)
+        abort.fire(reason)
+
+
+class _LeaseLostAbort(BaseException):
+    """Raised asynchronously in a task's thread when its lease is lost (on_lock_lost=abort).
+
+    A BaseException, so that a task's own ``except Exception`` does not swallow it; __call__
+    turns it into a LeaseLost failure that says why.
+    """
+
+
+class _Abort:
+    """Interrupt the thread that armed it, once, while armed.
+
+    Timeline it guards: the renewal thread finds the lease gone and fires; the task thread
+    gets _LeaseLostAbort at its next bytecode. If the body ended first, disarm() has already
+    run and firing does nothing; if firing raced with the end of the body, disarm() clears the
+    exception still pending, so it never escapes into Celery's own code.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: int | None = None
+        self._fired = False
+        self.reason = ""
+
+    def arm(self) -> None:
+        with self._lock:
+            self._thread = threading.get_ident()
+
+    def disarm(self) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is not None and self._fired:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), None)
+
+    def fire(self, reason: str) -> None:
+        with self._lock:
+            if self._thread is None or self._fired:
+                return
+            self._fired = True
+            self.reason = reason
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(self._thread), ctypes.py_object(_LeaseLostAbort)
+            )
 
 
 class _Skipped(Exception):
@@ -369,7 +515,36 @@ def _skip_record(
 
 def _enqueue_key(key: str, opts: TaskOptions) -> str:
     # until_done: one lease from enqueue to the end of the run, on the plain key.
-    return key if opts.hold == "until_done" else key + QUEUED_SUFFIX
+    if opts.hold == "until_done":
+        return key
+    return key + (PERIOD_SUFFIX if opts.hold == "period" else QUEUED_SUFFIX)
+
+
+def _in_canvas(options: Mapping[str, Any], link: Any, link_error: Any) -> bool:
+    return bool(
+        options.get("group_id")
+        or options.get("chord")
+        or options.get("chain")
+        or link
+        or link_error
+    )
+
+
+#: Fields of a holder listing that are not the holder's own metadata.
+_HOLDER_FIELDS = frozenset({"token", "fence", "expires_in", "acquired_at", "renewed_at"})
+
+
+def _call_record(name: str, args: Any, kwargs: Any) -> dict[str, Any]:
+    """The arguments keep_last hands to the pending copy, checked to survive JSON."""
+    call = {"args": list(args or ()), "kwargs": dict(kwargs or {})}
+    try:
+        json.dumps(call)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"{name}: on_duplicate='keep_last' keeps the newest arguments in the store as JSON, "
+            f"and these are not JSON: {exc}"
+        ) from exc
+    return call
 
 
 def _header(request: Any) -> dict[str, Any]:
