@@ -172,8 +172,14 @@ class Lease:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             sent = time.monotonic()
+            waits = 0.0 if not blocking else 3600.0 if deadline is None else deadline - sent
             result = self.backend.acquire(
-                self.key, self.token, ttl=self.ttl, limit=self.limit, meta=self._meta_json
+                self.key,
+                self.token,
+                ttl=self.ttl,
+                limit=self.limit,
+                meta=self._meta_json,
+                wait=max(waits, 0.0),
             )
             if not isinstance(result, Conflict):
                 self._granted(result.fence, sent)

@@ -52,6 +52,7 @@ class Renewer:
         self._cond = threading.Condition()
         self._leases: dict[int, Lease] = {}
         self._thread: threading.Thread | None = None
+        self._wake_at = 0.0  # when the thread will next wake by itself (monotonic)
         self.round_trips = 0  # renewal requests sent, for tests and benchmarks
 
     def add(self, lease: Lease) -> None:
@@ -63,7 +64,10 @@ class Renewer:
                     target=self._run, name="celery-exclusive-renewer", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            # Wake the thread only if this lease is due before it would wake anyway: with
+            # many leases held, waking it (and its scan) on every acquire costs every acquire.
+            if lease.next_renewal < self._wake_at:
+                self._cond.notify()
 
     def discard(self, lease: Lease) -> None:
         """Stop renewing ``lease`` (idempotent)."""
@@ -87,15 +91,18 @@ class Renewer:
             while True:
                 now = time.monotonic()
                 if not self._leases:
+                    self._wake_at = now + 60.0
                     self._cond.wait(60.0)
                     continue
                 earliest = min(lease.next_renewal for lease in self._leases.values())
                 if earliest <= now:
+                    self._wake_at = 0.0  # busy renewing: a new lease waits for the next round
                     return [
                         lease
                         for lease in self._leases.values()
                         if lease.next_renewal <= now + lease.ttl / 6
                     ]
+                self._wake_at = earliest
                 self._cond.wait(earliest - now)
 
     def _renew(self, due: list[Lease]) -> None:

@@ -127,8 +127,12 @@ class Store:
             raise ConfigurationError(f"limit must be an int >= 1, not {limit!r}")
         if meta is not None and not isinstance(meta, Mapping):
             raise ConfigurationError(f"meta must be a mapping, not {type(meta).__name__}")
-        if token is not None and (not isinstance(token, str) or not token or "|" in token):
-            raise ConfigurationError(f"token must be a non-empty str without '|', not {token!r}")
+        if token is not None and (
+            not isinstance(token, str) or not token or "|" in token or token.startswith("#")
+        ):
+            raise ConfigurationError(
+                f"token must be a non-empty str without '|', not starting with '#'; not {token!r}"
+            )
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
             raise ConfigurationError(f"timeout must be a number >= 0 or None, not {timeout!r}")
         return Lease(

@@ -99,11 +99,13 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def acquire(
-        self, key: str, token: str, *, ttl: float, limit: int, meta: str
+        self, key: str, token: str, *, ttl: float, limit: int, meta: str, wait: float = 0.0
     ) -> Grant | Conflict:
         """Grant ``key`` to ``token`` if fewer than ``limit`` live holders hold it.
 
-        ``meta`` is the holder's metadata as compact JSON text. A token that already holds the
+        ``meta`` is the holder's metadata as compact JSON text. ``wait``: how long the caller
+        will wait for a release if refused (a backend may use it to signal releases only while
+        someone waits). A token that already holds the
         key gets its expiry extended and its existing fence back (``reentered=True``). Expired
         holders are dropped in the same step.
         """

@@ -55,7 +55,7 @@ class MemoryBackend(Backend):
         return entries
 
     def acquire(
-        self, key: str, token: str, *, ttl: float, limit: int, meta: str
+        self, key: str, token: str, *, ttl: float, limit: int, meta: str, wait: float = 0.0
     ) -> Grant | Conflict:
         with self._cond:
             now = self._clock()

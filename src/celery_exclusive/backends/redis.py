@@ -2,9 +2,11 @@
 
 Keys of one lease share a hash tag, so the backend works on Redis Cluster too::
 
-    exclusive:{<key>}:lease    hash, one field per holder token (exists only while held)
-    exclusive:{<key>}:fence    fence counter (expires ``fence_retention`` after its last grant)
-    exclusive:{<key>}:signal   waiters BLPOP it; a release pushes (expires within seconds)
+    exclusive:{<key>}:lease    hash: one field per holder token, plus "#f" (the fence counter)
+                               and "#w" (until when a refused caller waits); it expires
+                               ``fence_retention`` (7 days) after the key's last grant or renewal
+    exclusive:{<key>}:signal   waiters BLPOP it; a release pushes only while someone waits
+                               (the list expires within seconds)
 
 Expiry is judged by the Redis server's clock (``TIME`` inside the scripts), never the
 worker's. Works on Redis 6.2+ and Valkey: standalone, Sentinel and Cluster, plain or TLS.
@@ -39,6 +41,9 @@ logger = logging.getLogger(__name__)
 #: A release signal nobody took is dropped after this many ms; a waiter that missed it
 #: notices the release at its next capped re-check instead.
 SIGNAL_TTL_MS = 5_000
+
+#: Leases renewed by one script: Redis serves no other client while a script runs.
+RENEW_CHUNK = 200
 
 #: The default socket timeout for clients built from a URL: a store that stops answering must
 #: not hang the renewal thread, which then could not report the lease as lost.
@@ -171,13 +176,13 @@ class RedisBackend(Backend):
     # -- the contract ---------------------------------------------------------------------
 
     def acquire(
-        self, key: str, token: str, *, ttl: float, limit: int, meta: str
+        self, key: str, token: str, *, ttl: float, limit: int, meta: str, wait: float = 0.0
     ) -> Grant | Conflict:
         retention = max(self.fence_retention_ms, _ms(ttl) * 2)
         reply = self._call(
             "acquire",
-            [self._k(key, "lease"), self._k(key, "fence")],
-            [token, _ms(ttl), limit, meta, retention],
+            [self._k(key, "lease")],
+            [token, _ms(ttl), limit, meta, retention, _ms(wait) if wait > 0 else 0],
         )
         if int(reply[0]) == 1:
             return Grant(fence=int(reply[1]), reentered=bool(int(reply[2])))
@@ -194,27 +199,33 @@ class RedisBackend(Backend):
     def renew(self, requests: Sequence[RenewRequest]) -> list[bool]:
         if not requests:
             return []
-        if not self._cluster:
-            keys = [self._k(r.key, "lease") for r in requests]
-            args: list[Any] = [r.token for r in requests] + [_ms(r.ttl) for r in requests]
-            return [bool(int(x)) for x in self._call("renew", keys, args)]
-        # Cluster: a script may only touch keys of one slot, and redis-py refuses EVALSHA in
-        # a cluster pipeline. So: one EVAL per slot in use, all sent in one pipeline, which
-        # redis-py splits into one batch per node.
-        by_slot: dict[int, list[int]] = {}
+        retention = max(self.fence_retention_ms, *(_ms(r.ttl) * 2 for r in requests))
+        # One script per slot (Cluster: a script may only touch one slot) and per chunk of
+        # RENEW_CHUNK leases (a script blocks Redis while it runs), all in one pipeline: one
+        # round trip (on Cluster, one per node).
+        groups: dict[Any, list[int]] = {}
         for i, r in enumerate(requests):
-            by_slot.setdefault(self.client.keyslot(self._k(r.key, "lease")), []).append(i)
-        source = self._sources["renew"]
+            slot = self.client.keyslot(self._k(r.key, "lease")) if self._cluster else 0
+            groups.setdefault(slot, []).append(i)
+        batches = [
+            indexes[n : n + RENEW_CHUNK]
+            for indexes in groups.values()
+            for n in range(0, len(indexes), RENEW_CHUNK)
+        ]
         results = [False] * len(requests)
         try:
             pipe = self.client.pipeline(transaction=False)
-            for indexes in by_slot.values():
-                batch = [requests[i] for i in indexes]
-                keys = [self._k(r.key, "lease") for r in batch]
-                args = [r.token for r in batch] + [_ms(r.ttl) for r in batch]
-                pipe.execute_command("EVAL", source, len(keys), *keys, *args)
-            for indexes, reply in zip(by_slot.values(), pipe.execute(), strict=True):
-                for i, ok in zip(indexes, reply, strict=True):
+            for batch in batches:
+                keys = [self._k(requests[i].key, "lease") for i in batch]
+                args: list[Any] = [requests[i].token for i in batch]
+                args += [_ms(requests[i].ttl) for i in batch] + [retention]
+                if self._cluster:
+                    # redis-py refuses EVALSHA in a cluster pipeline.
+                    pipe.execute_command("EVAL", self._sources["renew"], len(keys), *keys, *args)
+                else:
+                    self._scripts["renew"](keys=keys, args=args, client=pipe)
+            for batch, reply in zip(batches, pipe.execute(), strict=True):
+                for i, ok in zip(batch, reply, strict=True):
                     results[i] = bool(int(ok))
         except self._errors as exc:
             raise BackendError(f"renew on {self._description} failed: {exc}") from exc

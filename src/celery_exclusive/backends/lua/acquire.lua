@@ -1,19 +1,21 @@
 -- acquire: grant a lease if fewer than `limit` live holders hold the key.
 --
 -- KEYS[1]  lease hash: field = owner token, value = "exp|fence|acquired|renewed|metajson"
---          (times in ms of the server clock)
--- KEYS[2]  fence counter (string integer)
+--          (times in ms of the server clock); field "#f" = the key's fence counter;
+--          field "#w" = ms until which some caller waits for a release (see release.lua)
 -- ARGV[1]  owner token
 -- ARGV[2]  ttl in ms
 -- ARGV[3]  limit (max live holders)
 -- ARGV[4]  holder metadata, compact JSON
--- ARGV[5]  fence retention in ms (how long the counter outlives its last grant)
+-- ARGV[5]  retention in ms: how long the hash (and so the fence counter) outlives its last
+--          grant; always longer than any ttl
+-- ARGV[6]  ms the caller will wait for a release if refused (0: it will not wait)
 --
 -- Returns {1, fence, reentered(0|1)} on a grant;
 --         {0, ms until the earliest live holder expires, now in ms, token1, value1, ...}
 --         on a conflict.
--- Expired holders are removed on the way. The counter is seeded from the server clock in
--- microseconds when it is (re)created, so fences keep rising even after it expired.
+-- Expired holders are removed on the way. The fence counter is seeded from the server clock
+-- in microseconds when it is (re)created, so fences keep rising even after the hash expired.
 -- Numbers are written with string.format('%d'): Lua's default number-to-string keeps only
 -- 14 significant digits, which would corrupt a 16-digit fence.
 local t = redis.call('TIME')
@@ -26,38 +28,45 @@ local mine = nil
 local holders = {}
 for i = 1, #entries, 2 do
   local tok, val = entries[i], entries[i + 1]
-  local exp = tonumber(string.match(val, '^(%d+)|'))
-  if exp <= now then
-    redis.call('HDEL', KEYS[1], tok)
-  elseif tok == ARGV[1] then
-    mine = val
-  else
-    live = live + 1
-    if soonest == nil or exp < soonest then soonest = exp end
-    holders[#holders + 1] = tok
-    holders[#holders + 1] = val
+  if string.byte(tok, 1) ~= 35 then  -- not a "#" bookkeeping field
+    local exp = tonumber(string.match(val, '^(%d+)|'))
+    if exp <= now then
+      redis.call('HDEL', KEYS[1], tok)
+    elseif tok == ARGV[1] then
+      mine = val
+    else
+      live = live + 1
+      if soonest == nil or exp < soonest then soonest = exp end
+      holders[#holders + 1] = tok
+      holders[#holders + 1] = val
+    end
   end
-end
-local function extend_key(exp)
-  local pttl = redis.call('PTTL', KEYS[1])
-  if pttl < exp - now then redis.call('PEXPIRE', KEYS[1], exp - now) end
 end
 if mine then
   local fence, acquired, meta = string.match(mine, '^%d+|(%d+)|(%d+)|%d+|(.*)$')
   redis.call('HSET', KEYS[1], ARGV[1],
     string.format('%d|%s|%s|%d|', now + ttl, fence, acquired, now) .. meta)
-  extend_key(now + ttl)
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
   return {1, tonumber(fence), 1}
 end
 if live >= tonumber(ARGV[3]) then
+  local waits = tonumber(ARGV[6])
+  if waits > 0 then
+    redis.call('HSET', KEYS[1], '#w', string.format('%d', now + waits))
+  end
   local reply = {0, soonest - now, now}
   for i = 1, #holders do reply[#reply + 1] = holders[i] end
   return reply
 end
-redis.call('SET', KEYS[2], t[1] .. string.format('%06d', tonumber(t[2])), 'NX')
-local fence = redis.call('INCR', KEYS[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-redis.call('HSET', KEYS[1], ARGV[1],
-  string.format('%d|%d|%d|%d|', now + ttl, fence, now, now) .. ARGV[4])
-extend_key(now + ttl)
+local fence = redis.call('HINCRBY', KEYS[1], '#f', 1)
+if fence == 1 then
+  fence = t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('HSET', KEYS[1], '#f', fence, ARGV[1],
+    string.format('%d|%s|%d|%d|', now + ttl, fence, now, now) .. ARGV[4])
+  fence = tonumber(fence)
+else
+  redis.call('HSET', KEYS[1], ARGV[1],
+    string.format('%d|%d|%d|%d|', now + ttl, fence, now, now) .. ARGV[4])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return {1, fence, 0}

@@ -5,11 +5,15 @@
 -- ARGV[1]  owner token, or "" for every holder
 -- ARGV[2]  signal list ttl in ms
 --
--- Returns how many holds were removed.
+-- Returns how many holds were removed. The fence counter is kept.
 local removed = 0
 if ARGV[1] == '' then
-  removed = redis.call('HLEN', KEYS[1])
-  redis.call('DEL', KEYS[1])
+  local fields = redis.call('HKEYS', KEYS[1])
+  for i = 1, #fields do
+    if string.byte(fields[i], 1) ~= 35 then
+      removed = removed + redis.call('HDEL', KEYS[1], fields[i])
+    end
+  end
 else
   removed = redis.call('HDEL', KEYS[1], ARGV[1])
 end

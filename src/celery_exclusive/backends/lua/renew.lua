@@ -1,8 +1,9 @@
--- renew: extend many leases in one round trip.
+-- renew: extend many leases in one script.
 --
--- KEYS[1..N]   lease hashes (see acquire.lua)
--- ARGV[1..N]   the owner token for each key
--- ARGV[N+1..2N] the new ttl in ms for each key
+-- KEYS[1..N]     lease hashes (see acquire.lua)
+-- ARGV[1..N]     the owner token for each key
+-- ARGV[N+1..2N]  the new ttl in ms for each key
+-- ARGV[2N+1]     retention in ms for the hashes (see acquire.lua)
 --
 -- Returns a list of N integers: 1 renewed, 0 lost (gone, expired, or held by another token).
 local t = redis.call('TIME')
@@ -15,10 +16,9 @@ for i = 1, n do
   if val then
     local exp, fence, acquired, meta = string.match(val, '^(%d+)|(%d+)|(%d+)|%d+|(.*)$')
     if tonumber(exp) > now then
-      local ttl = tonumber(ARGV[n + i])
       redis.call('HSET', KEYS[i], ARGV[i],
-        string.format('%d|%s|%s|%d|', now + ttl, fence, acquired, now) .. meta)
-      if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+        string.format('%d|%s|%s|%d|', now + tonumber(ARGV[n + i]), fence, acquired, now) .. meta)
+      redis.call('PEXPIRE', KEYS[i], ARGV[2 * n + 1])
       out[i] = 1
     end
   end
