@@ -21,7 +21,7 @@ from celery.exceptions import Ignore, Reject
 
 from celery_exclusive.celery import ExclusiveTask, exclusive
 
-app = Celery("cex_tests")
+app = Celery("cex_tests", include=["tests.celery_policies"])
 
 
 def configure(
@@ -63,6 +63,16 @@ if os.environ.get("CEX_BROKER_URL"):
         os.environ["CEX_QUEUE"],
         float(os.environ.get("CEX_VISIBILITY") or 0) or None,
     )
+
+if os.environ.get("CEX_BEAT_TAG"):
+    # celery beat fires beat_job every second; the job takes three (see the policy tests).
+    app.conf.beat_schedule = {
+        "beat-job-every-second": {
+            "task": "tests.celery_policies.beat_job",
+            "schedule": 1.0,
+            "kwargs": {"tag": os.environ["CEX_BEAT_TAG"], "duration": 3.0},
+        }
+    }
 
 _history: redis.Redis | None = None
 _history_pid = 0
@@ -231,4 +241,93 @@ def limited(self: Any, customer_id: int, tag: str = "", duration: float = 30.0) 
 @app.task(bind=True)
 def decorated(self: Any, customer_id: int, tag: str = "", duration: float = 0.2) -> int:
     record(self, f"decorated:{customer_id}", tag, duration)
+    return customer_id
+
+
+# -- Recording variants of the error-path tasks (tests/integration/test_celery_lifecycle.py):
+# each records its run (so a test can see that it started and ran) before it ends the run.
+
+
+@app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["n"]})
+def ignored_recorded(self: Any, n: int, tag: str = "") -> None:
+    record(self, f"ignored:{n}", tag, 0.05)
+    raise Ignore()
+
+
+@app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["n"]})
+def rejected_recorded(self: Any, n: int, tag: str = "") -> None:
+    record(self, f"rejected:{n}", tag, 0.05)
+    raise Reject("no thanks", requeue=False)
+
+
+@app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["n"]})
+def failing_recorded(self: Any, n: int, tag: str = "") -> None:
+    record(self, f"failing:{n}", tag, 0.05)
+    raise ValueError(f"failing {n}")
+
+
+@app.task(
+    bind=True,
+    base=ExclusiveTask,
+    exclusive={"key": ["n"]},
+    autoretry_for=(ValueError,),
+    max_retries=2,
+    default_retry_delay=0.1,
+)
+def autoretried_recorded(self: Any, n: int, tag: str = "") -> None:
+    record(self, f"autoretried:{n}", tag, 0.05)
+    raise ValueError(f"autoretried {n}")
+
+
+# -- Fault-test variants (tests/faults/test_celery_faults.py): short leases, so that a killed
+# run's lease expires within a second.
+
+
+@app.task(
+    bind=True,
+    base=ExclusiveTask,
+    exclusive={"key": ["customer_id"], "ttl": 1.0},
+    time_limit=1.5,
+)
+def limited_short(self: Any, customer_id: int, tag: str = "", duration: float = 30.0) -> int:
+    record(self, f"limited-short:{customer_id}", tag, duration)
+    return customer_id
+
+
+@app.task(
+    bind=True,
+    base=ExclusiveTask,
+    acks_late=True,
+    exclusive={"key": ["customer_id"], "ttl": 2.0, "wait_timeout": 60},
+)
+def late_slow_store(self: Any, customer_id: int, tag: str = "", duration: float = 4.0) -> int:
+    """``late``, with a result backend that takes 0.5 s to store the result (see below)."""
+    record(self, f"late-slow-store:{customer_id}", tag, duration)
+    return customer_id
+
+
+def _slow_result_store(sender: Any = None, **_: Any) -> None:
+    # Runs in the pool child right after the run released its lease, before Celery stores the
+    # result: stands for a slow or distant result backend (0.5 s to write SUCCESS).
+    if getattr(sender, "name", None) == late_slow_store.name:
+        time.sleep(0.5)
+
+
+def _connect_slow_result_store() -> None:
+    from celery_exclusive.celery.signals import exclusive_released
+
+    exclusive_released.connect(_slow_result_store, weak=False)
+
+
+_connect_slow_result_store()
+
+
+@app.task(
+    bind=True,
+    base=ExclusiveTask,
+    acks_late=True,
+    exclusive={"key": ["customer_id"], "hold": "until_done", "ttl": 2.0, "wait_timeout": 60},
+)
+def late_until_done(self: Any, customer_id: int, tag: str = "", duration: float = 6.0) -> int:
+    record(self, f"late-until-done:{customer_id}", tag, duration)
     return customer_id

@@ -14,6 +14,8 @@ Every error derives from one root, so ``except ExclusiveError`` catches all of t
         └── LeaseLost           a lease we held expired or was taken away
 
 Errors carry structured attributes rather than only a message, so callers can act on them.
+Every error can be rebuilt from its message alone (the attributes are optional keywords), so
+Celery can store it as a task's result and give it back from ``AsyncResult.get()``.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ class KeyArgumentError(ExclusiveError, TypeError):
     ``argument`` names the argument and ``value_type`` is the offending type's name.
     """
 
-    def __init__(self, message: str, *, argument: str | None = None, value_type: str = "") -> None:
+    def __init__(
+        self, message: str = "", *, argument: str | None = None, value_type: str = ""
+    ) -> None:
         super().__init__(message)
         self.argument = argument
         self.value_type = value_type
@@ -62,7 +66,7 @@ class BackendError(ExclusiveError):
 class LeaseError(ExclusiveError):
     """An error about one lease; ``key`` names it."""
 
-    def __init__(self, message: str, *, key: str) -> None:
+    def __init__(self, message: str = "", *, key: str = "") -> None:
         super().__init__(message)
         self.key = key
 
@@ -74,7 +78,9 @@ class AlreadyHeld(LeaseError):
     store cannot tell).
     """
 
-    def __init__(self, message: str, *, key: str, holder: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, message: str = "", *, key: str = "", holder: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__(message, key=key)
         self.holder: dict[str, Any] = dict(holder or {})
 
@@ -90,7 +96,7 @@ class AlreadyQueued(AlreadyHeld):
 class Timeout(LeaseError):
     """A blocking acquire did not get the key within ``timeout`` seconds."""
 
-    def __init__(self, message: str, *, key: str, timeout: float | None) -> None:
+    def __init__(self, message: str = "", *, key: str = "", timeout: float | None = None) -> None:
         super().__init__(message, key=key)
         self.timeout = timeout
 

@@ -5,6 +5,8 @@ Schemes::
     redis://[:password@]host:6379/0          Redis or Valkey (rediss:// for TLS, unix:// socket)
     redis+sentinel://host:26379,host2:26379/mymaster/0
     redis+cluster://host:7000,host2:7001     Redis Cluster (rediss+cluster:// for TLS)
+    postgresql://user:pass@host:5432/db      PostgreSQL (also postgres://; needs the postgres extra)
+    sqlite:///relative/path.db               SQLite, one host only (sqlite:////absolute/path.db)
     memory://[name]                          this process only: for your unit tests
 
 A redis-py ``Redis`` or ``RedisCluster`` object may be passed instead of a URL.
@@ -210,9 +212,18 @@ def connect(url: str | Any, *, default_ttl: float = DEFAULT_TTL, **options: Any)
         if scheme.startswith("valkey"):
             url = "redis" + url[len("valkey") :]
         return Store(RedisBackend.from_url(url, **options), default_ttl=default_ttl)
+    if scheme in {"postgresql", "postgres"}:
+        from .backends.sql import PostgresBackend
+
+        return Store(PostgresBackend.from_url(url, **options), default_ttl=default_ttl)
+    if scheme == "sqlite":
+        from .backends.sql import SQLiteBackend
+
+        return Store(SQLiteBackend.from_url(url, **options), default_ttl=default_ttl)
     raise ConfigurationError(
         f"unknown store scheme {scheme!r} in {url.split('@')[-1]!r}; "
-        "supported: redis, rediss, unix, redis+sentinel, redis+cluster, memory"
+        "supported: redis, rediss, unix, redis+sentinel, redis+cluster, postgresql, postgres, "
+        "sqlite, memory"
     )
 
 

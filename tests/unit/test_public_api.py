@@ -28,3 +28,20 @@ def test_every_error_derives_from_the_root() -> None:
         value = getattr(celery_exclusive, name)
         if inspect.isclass(value) and issubclass(value, Exception):
             assert issubclass(value, celery_exclusive.ExclusiveError), name
+
+
+def test_every_error_survives_pickle_and_rebuild_from_its_message() -> None:
+    import pickle
+
+    from celery_exclusive import AlreadyRunning, LeaseLost, Timeout
+
+    for error in (
+        AlreadyRunning("busy", key="k", holder={"task_id": "t"}),
+        LeaseLost("lost", key="k"),
+        Timeout("slow", key="k", timeout=1.5),
+    ):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error)
+        assert again.key == "k"
+        rebuilt = type(error)(*error.args)  # how Celery's result backend rebuilds errors
+        assert str(rebuilt) == str(error)
