@@ -122,6 +122,12 @@ def cmd_release(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    from .demo.celery_demo import run
+
+    return run(args.redis, workers=args.workers, out=out)
+
+
+def cmd_demo_leases(args: argparse.Namespace, out: TextIO) -> int:
     from .demo.leases import run
 
     return run(args.redis, workers=args.workers, duration=args.duration, ttl=args.ttl, out=out)
@@ -154,12 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help="release only this holder")
     p.set_defaults(func=cmd_release)
 
-    p = sub.add_parser("demo", help="run the demo on an embedded Redis (no server to install)")
+    p = sub.add_parser(
+        "demo", help="the Celery demo: real workers, duplicate bursts, a worker killed mid-task"
+    )
+    p.add_argument("--redis", metavar="URL", help="use this Redis instead of an embedded one")
+    p.add_argument("--workers", type=int, default=2, help="Celery workers (2 processes each)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("demo-leases", help="the lease demo: processes contend for keys")
     p.add_argument("--redis", metavar="URL", help="use this Redis instead of an embedded one")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--duration", type=float, default=8.0, help="seconds of contention")
     p.add_argument("--ttl", type=float, default=2.0, help="lease ttl in seconds")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo_leases)
     return parser
 
 

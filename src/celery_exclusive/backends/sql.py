@@ -270,6 +270,24 @@ ORDER BY l.key, l.token
 LIMIT %(page)s
 """
 
+PG_TAKE = """
+-- Take (hand-over): compare-and-delete the token's row like a release, and return its meta.
+-- Parameters: key, token, channel. Returns one row (was the hold live?, meta) or none.
+WITH gone AS (
+    DELETE FROM {lease} WHERE key = %(key)s AND token = %(token)s
+    RETURNING expires_at > clock_timestamp() AS live, meta
+)
+SELECT gone.live, gone.meta, pg_notify(%(channel)s, %(key)s)::text FROM gone
+"""
+
+PG_UPDATE_META = """
+-- Replace the meta of one live hold. Parameters: key, token, meta.
+-- Returns one row if the token held a live lease, else none.
+UPDATE {lease} SET meta = %(meta)s
+WHERE key = %(key)s AND token = %(token)s AND expires_at > clock_timestamp()
+RETURNING 1
+"""
+
 PG_FORCE_RELEASE = """
 -- Force-release: delete one token's row of a key, or every row of the key when token is NULL;
 -- notify waiters if anything was deleted.
@@ -388,6 +406,18 @@ DELETE FROM {lease} WHERE key = ? AND token = ?
 SQLITE_EXPIRY_OF = """
 -- The expiry of one hold. Parameters: key, token. Returns zero or one row: (expires_at us,).
 SELECT expires_at FROM {lease} WHERE key = ? AND token = ?
+"""
+
+SQLITE_META_OF = """
+-- The expiry and meta of one hold. Parameters: key, token.
+-- Returns zero or one row: (expires_at us, meta).
+SELECT expires_at, meta FROM {lease} WHERE key = ? AND token = ?
+"""
+
+SQLITE_UPDATE_META = """
+-- Replace the meta of one live hold. Parameters: meta, key, token, now (us).
+-- Returns nothing; the row count says whether the token held a live lease.
+UPDATE {lease} SET meta = ? WHERE key = ? AND token = ? AND expires_at > ?
 """
 
 SQLITE_FORCE_RELEASE_ONE = """
@@ -840,6 +870,8 @@ class PostgresBackend(_SQLBackend):
                 "holders": PG_HOLDERS,
                 "scan": PG_SCAN,
                 "force_release": PG_FORCE_RELEASE,
+                "take": PG_TAKE,
+                "update_meta": PG_UPDATE_META,
                 "cleanup_leases": PG_CLEANUP_LEASES,
                 "cleanup_fences": PG_CLEANUP_FENCES,
             }.items()
@@ -966,8 +998,9 @@ class PostgresBackend(_SQLBackend):
     # -- the contract ---------------------------------------------------------------------
 
     def acquire(
-        self, key: str, token: str, *, ttl: float, limit: int, meta: str
+        self, key: str, token: str, *, ttl: float, limit: int, meta: str, wait: float = 0.0
     ) -> Grant | Conflict:
+        # ``wait`` is not needed: a release always notifies (NOTIFY costs nothing unheard).
         params = {"key": self._k(key), "token": token, "ttl": ttl, "limit": limit, "meta": meta}
 
         def op(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
@@ -1003,9 +1036,7 @@ class PostgresBackend(_SQLBackend):
             "tokens": [u[1] for u in unique],
             "ttls": [float(u[2]) for u in unique],
         }
-        rows = self._run(
-            "renew", lambda conn: conn.execute(self._sql["renew"], params).fetchall()
-        )
+        rows = self._run("renew", lambda conn: conn.execute(self._sql["renew"], params).fetchall())
         renewed = {int(r[0]) - 1 for r in rows}
         return [at in renewed for at in where]
 
@@ -1016,9 +1047,7 @@ class PostgresBackend(_SQLBackend):
         with self._pool_lock:
             if self._listener is None:
                 params = self._listen_params
-                self._listener = _Listener(
-                    lambda: self._new_connection(params), self._description
-                )
+                self._listener = _Listener(lambda: self._new_connection(params), self._description)
             listener = self._listener
         return listener.wait(self._k(key), timeout)
 
@@ -1050,6 +1079,18 @@ class PostgresBackend(_SQLBackend):
             lambda conn: conn.execute(self._sql["force_release"], params).fetchone(),
         )
         return int(row[0]) if row else 0
+
+    def update_meta(self, key: str, token: str, meta: str) -> bool:
+        params = {"key": self._k(key), "token": token, "meta": meta}
+        row = self._run(
+            "update_meta", lambda conn: conn.execute(self._sql["update_meta"], params).fetchone()
+        )
+        return row is not None
+
+    def take(self, key: str, token: str) -> str | None:
+        params = {"key": self._k(key), "token": token, "channel": NOTIFY_CHANNEL}
+        row = self._run("take", lambda conn: conn.execute(self._sql["take"], params).fetchone())
+        return str(row[1]) if row and row[0] else None
 
     def cleanup(self) -> None:
         """Delete expired holds and idle fence counters (see :meth:`_SQLBackend.cleanup`)."""
@@ -1157,6 +1198,8 @@ class SQLiteBackend(_SQLBackend):
                 "release": SQLITE_RELEASE,
                 "expiry_of": SQLITE_EXPIRY_OF,
                 "force_one": SQLITE_FORCE_RELEASE_ONE,
+                "meta_of": SQLITE_META_OF,
+                "update_meta": SQLITE_UPDATE_META,
                 "force_all": SQLITE_FORCE_RELEASE_ALL,
                 "scan": SQLITE_SCAN,
                 "cleanup_leases": SQLITE_CLEANUP_LEASES,
@@ -1270,7 +1313,7 @@ class SQLiteBackend(_SQLBackend):
     # -- the contract ---------------------------------------------------------------------
 
     def acquire(
-        self, key: str, token: str, *, ttl: float, limit: int, meta: str
+        self, key: str, token: str, *, ttl: float, limit: int, meta: str, wait: float = 0.0
     ) -> Grant | Conflict:
         k = self._k(key)
         sql = self._sql
@@ -1360,6 +1403,25 @@ class SQLiteBackend(_SQLBackend):
             return conn.execute(self._sql["force_one"], (k, token)).rowcount
 
         return int(self._tx("force_release", op))
+
+    def update_meta(self, key: str, token: str, meta: str) -> bool:
+        args = (meta, self._k(key), token)
+        return self._tx(
+            "update_meta",
+            lambda conn, now: conn.execute(self._sql["update_meta"], (*args, now)).rowcount > 0,
+        )
+
+    def take(self, key: str, token: str) -> str | None:
+        k = self._k(key)
+
+        def op(conn: sqlite3.Connection, now: int) -> str | None:
+            row = conn.execute(self._sql["meta_of"], (k, token)).fetchone()
+            if row is None:
+                return None
+            conn.execute(self._sql["release"], (k, token))
+            return str(row[1]) if row[0] > now else None
+
+        return self._tx("take", op)
 
     def cleanup(self) -> None:
         """Delete expired holds and idle fence counters (see :meth:`_SQLBackend.cleanup`)."""

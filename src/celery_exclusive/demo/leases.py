@@ -17,6 +17,7 @@ import queue
 import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,16 @@ def _worker(url: str, prefix: str, name: str, ttl: float, stop_at: float, events
         time.sleep(rng.uniform(0.05, 0.25))  # the "work"
         end = time.time()
         events.put(("done", name, key, lease.fence, end, os.getpid()))
+        lease.release()
+    store.close()
+
+
+def _probe(url: str, prefix: str, key: str, ttl: float, freed: list[float]) -> None:
+    """Wait for ``key`` (woken at the dead holder's expiry) and note when it came free."""
+    store = connect(url, prefix=prefix)
+    lease = store.lease(key, ttl=ttl, meta={"worker": "demo probe"})
+    if lease.acquire(timeout=ttl * 4 + 5):
+        freed.append(time.time())
         lease.release()
     store.close()
 
@@ -139,6 +150,7 @@ def run(
     kill: tuple[float, str] | None = None
     killed_worker = ""
     freed_after: float | None = None
+    freed_by_probe: list[float] = []
     deadline = stop_at + ttl * 4 + 10
     try:
         while time.time() < deadline and (
@@ -177,11 +189,19 @@ def run(
                         f" no release will run; the lease must expire **",
                         file=out,
                     )
+                    # Also wait for the key here, in case no worker happens to pick it again.
+                    probe = threading.Thread(
+                        target=_probe, args=(url, prefix, key, ttl, freed_by_probe), daemon=True
+                    )
+                    probe.start()
     finally:
         for p in procs.values():
             if p.is_alive():
                 p.kill()
             p.join(5)
+    if kill is not None and freed_by_probe:
+        probed = freed_by_probe[0] - kill[0]
+        freed_after = probed if freed_after is None else min(freed_after, probed)
     t1 = max([h.end or h.start for h in holds] + [time.time()])
     bad = overlaps(holds)
     rising = fences_rise(holds)
