@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -52,6 +53,11 @@ def configure(
         result_expires=600,
     )
     reset(app)
+    # The app caches its broker pool and result backend: drop them, so a test module that
+    # points the app at its own private server never talks to a previous module's server.
+    app._after_fork()
+    app._backend_cache = None
+    app._local = threading.local()
 
 
 if os.environ.get("CEX_BROKER_URL"):
@@ -74,16 +80,15 @@ if os.environ.get("CEX_BEAT_TAG"):
         }
     }
 
-_history: redis.Redis | None = None
-_history_pid = 0
+_history: dict[tuple[int, str], redis.Redis] = {}
 
 
 def history_client() -> redis.Redis:
-    global _history, _history_pid
-    if _history is None or _history_pid != os.getpid():
-        _history = redis.Redis.from_url(app.conf.exclusive_url, socket_timeout=10)
-        _history_pid = os.getpid()
-    return _history
+    """A client of the store's Redis, per process and URL (test modules use their own)."""
+    key = (os.getpid(), str(app.conf.exclusive_url))
+    if key not in _history:
+        _history[key] = redis.Redis.from_url(key[1], socket_timeout=10)
+    return _history[key]
 
 
 def history_key(tag: str) -> str:
