@@ -80,7 +80,10 @@ class Settings:
     ce_intervals: int
     prl_locks: int
     prl_intervals: int
+    prl_expires: tuple[int, ...]
     renew_calls: int
+    held_rounds: int  # benchmark 5
+    held_pairs: int
 
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:
@@ -94,7 +97,10 @@ class Settings:
                 ce_intervals=3,
                 prl_locks=100,
                 prl_intervals=2,
+                prl_expires=(3,),
                 renew_calls=5,
+                held_rounds=4,
+                held_pairs=150,
             )
         return cls(
             rounds=10,
@@ -104,8 +110,11 @@ class Settings:
             ce_leases=1_000,
             ce_intervals=5,
             prl_locks=1_000,
-            prl_intervals=3,
+            prl_intervals=2,
+            prl_expires=(3, 6),
             renew_calls=20,
+            held_rounds=10,
+            held_pairs=400,
         )
 
 
@@ -163,11 +172,12 @@ class _CountingMixin:
         super().send_packed_command(command, check_health)  # type: ignore[misc]
 
 
-def counting_client(url: str, counter: WireCounter) -> redis.Redis:
+def counting_client(url: str, counter: WireCounter, max_connections: int = 100) -> redis.Redis:
     """A redis-py client whose every round trip is recorded by ``counter``."""
     base = redis.ConnectionPool.from_url(url).connection_class
     cls = type(f"Counting{base.__name__}", (_CountingMixin, base), {"wire_counter": counter})
-    return redis.Redis(connection_pool=redis.ConnectionPool.from_url(url, connection_class=cls))
+    pool = redis.ConnectionPool.from_url(url, connection_class=cls, max_connections=max_connections)
+    return redis.Redis(connection_pool=pool)
 
 
 def plain_client(url: str) -> redis.Redis:
@@ -312,7 +322,7 @@ class Report:
         for s in self.sections:
             table = Table(title=s.title, title_justify="left")
             for i, c in enumerate(s.columns):
-                table.add_column(c, justify="left" if i == 0 else "right")
+                table.add_column(c, justify="left" if i == 0 else "right", no_wrap=i == 0)
             for r in s.rows:
                 table.add_row(*r)
             console.print(table)
@@ -383,7 +393,8 @@ def environment(
             f"{settings.rounds} rounds x {settings.pairs} pairs; {settings.rt_pairs} counted "
             f"pairs; {settings.wake_reps} wake-ups per contender; "
             f"{settings.ce_leases} leases x {settings.ce_intervals} intervals; "
-            f"{settings.prl_locks} python-redis-lock locks x {settings.prl_intervals} intervals"
+            f"{settings.prl_locks} python-redis-lock locks x {settings.prl_intervals} intervals "
+            f"(expire {', '.join(map(str, settings.prl_expires))} s)"
         ),
     }
 
@@ -697,8 +708,108 @@ def _wait_for(cond: Callable[[], bool], timeout: float) -> bool:
     return cond()
 
 
-def bench_renewal(url: str, prefix: str, s: Settings, private: bool) -> tuple[Section, float]:
+HeldBlocks = dict[tuple[int, bool], list[tuple[list[int], float]]]
+
+
+def _held_pairs(store: Store, prefix: str, s: Settings, held: int, out: HeldBlocks) -> None:
+    """Benchmark 5: acquire+release pairs of one more lease while ``held`` are held.
+
+    Records each block's samples and the process CPU time (all threads) it took."""
+    extra = {
+        renew: store.lease(f"{prefix}:extra:{held}:{renew}", ttl=3.0, auto_renew=renew)
+        for renew in (True, False)
+    }
+    for r in range(s.held_rounds):
+        for renew in (True, False) if r % 2 == 0 else (False, True):
+            lease = extra[renew]
+            pair = _pair_of(lease.acquire, lease.release, "extra lease")
+            _block(pair, 50)
+            cpu = time.process_time()
+            block = _block(pair, s.held_pairs)
+            out.setdefault((held, renew), []).append((block, time.process_time() - cpu))
+
+
+def _evalsha_usec(admin: redis.Redis) -> int:
+    return int(admin.info("commandstats").get("cmdstat_evalsha", {}).get("usec", 0))
+
+
+def _prl_renewal(
+    url: str, prefix: str, s: Settings, admin: redis.Redis, expire: int
+) -> tuple[list[str], str]:
+    """python-redis-lock: one renewal thread per lock, each extends every expire*2/3."""
+    interval = expire * 2 / 3
+    counter = WireCounter()
+    # redis-py 8's default pool stops at 100 connections: 1,000 renewal threads overflow it
+    # (MaxConnectionsError kills a renewal thread and its lock expires), so allow one each.
+    client = counting_client(url, counter, max_connections=s.prl_locks + 10)
+    errors: Counter[str] = Counter()
+    hook = threading.excepthook
+    threading.excepthook = lambda a: errors.update([a.exc_type.__name__])  # a dead renewer
+    try:
+        threads0 = threading.active_count()
+        locks = [
+            redis_lock.Lock(client, f"{prefix}:prl-{expire}:{i}", expire=expire, auto_renewal=True)
+            for i in range(s.prl_locks)
+        ]
+        t = time.perf_counter()
+        for lock in locks:
+            if not lock.acquire(blocking=False):
+                raise RuntimeError("python-redis-lock refused an uncontended lock")
+        acquired_in = time.perf_counter() - t
+        threads = threading.active_count() - threads0
+        # let every thread renew once (its pool connection and script cache are then warm)
+        time.sleep(interval * 1.25)
+        wire0, cmds0 = counter.snapshot()
+        cpu0, rcpu0, t0 = time.process_time(), _redis_cpu(admin), time.monotonic()
+        time.sleep(s.prl_intervals * interval)
+        wire1, cmds1 = counter.snapshot()
+        cpu1, rcpu1, elapsed = time.process_time(), _redis_cpu(admin), time.monotonic() - t0
+        connections = getattr(client.connection_pool, "_created_connections", "?")
+        alive = threading.active_count() - threads0
+        still = sum(bool(lock._held) for lock in locks)
+        renews = (cmds1 - cmds0)["EVALSHA"]
+        t = time.perf_counter_ns()
+        for lock in locks:
+            with contextlib.suppress(redis_lock.NotAcquired):
+                lock.extend()
+        all_once = time.perf_counter_ns() - t
+        for lock in locks:
+            with contextlib.suppress(redis_lock.NotAcquired):
+                lock.release()
+    finally:
+        threading.excepthook = hook
+        client.close()
+    lost = s.prl_locks - still
+    row = [
+        "python-redis-lock",
+        f"{s.prl_locks:,} (expire {expire} s)",
+        f"{threads:,}" + (f" ({alive:,} alive)" if alive != threads else ""),
+        f"{renews / (elapsed / interval):.0f} of {s.prl_locks:,} due (every {interval:g} s)",
+        f"{renews / elapsed:.1f}",
+        f"{s.prl_locks:,} RTs: {ms(all_once)} ms",
+        f"{(cpu1 - cpu0) * 1000 / elapsed:.1f}",
+        f"{(rcpu1 - rcpu0) * 1000 / elapsed:.1f}",
+        f"{still:,}" + (f" ({lost:,} lost)" if lost else ""),
+    ]
+    died = ", ".join(f"{n} {name}" for name, n in errors.most_common()) or "none"
+    note = (
+        f"python-redis-lock, expire {expire} s: {s.prl_intervals} intervals after every thread "
+        f"had its first turn; on the wire: {wire1 - wire0} ({_fmt_cmds(cmds1 - cmds0, 1)}) round "
+        f"trips; its connection pool grew to {connections} connections; renewal threads "
+        f"that died: {died}"
+    )
+    log(
+        f"renewal: python-redis-lock expire={expire} done "
+        f"({s.prl_locks} locks acquired in {acquired_in:.2f} s, {lost} lost)"
+    )
+    return row, note
+
+
+def bench_renewal(
+    url: str, prefix: str, s: Settings, private: bool
+) -> tuple[Section, Section, float]:
     admin = plain_client(url)
+    held_samples: HeldBlocks = {}
     section = Section(
         "4. Renewal while one process holds many leases",
         [
@@ -719,7 +830,8 @@ def bench_renewal(url: str, prefix: str, s: Settings, private: bool) -> tuple[Se
     client = counting_client(url, counter)
     renewer = Renewer()
     store = Store(connect(client, prefix=prefix).backend, renewer=renewer)
-    threads0 = threading.active_count()
+    threads0 = threading.active_count()  # the private renewer has no thread yet
+    _held_pairs(store, prefix, s, 0, held_samples)
     t = time.perf_counter()
     leases = [store.lease(f"{prefix}:renew:{i}", ttl=ttl) for i in range(s.ce_leases)]
     for lease in leases:
@@ -745,12 +857,15 @@ def bench_renewal(url: str, prefix: str, s: Settings, private: bool) -> tuple[Se
     ce_wire = f"{wire1 - wire0} ({_fmt_cmds(cmds1 - cmds0, 1)})"
     requests = [RenewRequest(le.key, le.token, le.ttl) for le in leases]
     times = []
+    usec0 = _evalsha_usec(admin)
     for _ in range(s.renew_calls):
         t = time.perf_counter_ns()
         ok = store.backend.renew(requests)
         times.append(time.perf_counter_ns() - t)
         if not all(ok):
             raise RuntimeError("a direct renewal was refused")
+    server_ms = (_evalsha_usec(admin) - usec0) / s.renew_calls / 1000
+    _held_pairs(store, prefix, s, s.ce_leases, held_samples)
     for lease in leases:
         lease.release()
     client.close()
@@ -761,7 +876,8 @@ def bench_renewal(url: str, prefix: str, s: Settings, private: bool) -> tuple[Se
             str(threads),
             f"{ce_rts:g} (every {interval:g} s)",
             f"{(rt1 - rt0) / elapsed:.2f}",
-            f"1 RT: {ms(statistics.median(times))} ms",
+            f"1 RT: {ms(statistics.median(times))} ms"
+            + (f" ({server_ms:.1f} ms in Redis)" if private else ""),
             f"{(cpu1 - cpu0) * 1000 / elapsed:.1f}",
             f"{(rcpu1 - rcpu0) * 1000 / elapsed:.1f}",
             f"{still:,}",
@@ -769,63 +885,19 @@ def bench_renewal(url: str, prefix: str, s: Settings, private: bool) -> tuple[Se
     )
     log(f"renewal: celery-exclusive done ({s.ce_leases} leases acquired in {acquired_in:.2f} s)")
 
-    # python-redis-lock: one renewal thread per lock, each extends every expire*2/3
-    expire = 3
-    prl_interval = expire * 2 / 3
-    counter = WireCounter()
-    client = counting_client(url, counter)
-    clients0 = int(admin.info("clients")["connected_clients"])
-    threads0 = threading.active_count()
-    locks = [
-        redis_lock.Lock(client, f"{prefix}:prl-renew:{i}", expire=expire, auto_renewal=True)
-        for i in range(s.prl_locks)
-    ]
-    t = time.perf_counter()
-    for lock in locks:
-        if not lock.acquire(blocking=False):
-            raise RuntimeError("python-redis-lock refused an uncontended lock")
-    acquired_in = time.perf_counter() - t
-    threads = threading.active_count() - threads0
-    # let every thread renew once (its pool connection and script cache are then warm)
-    time.sleep(prl_interval * 1.25)
-    wire0, cmds0 = counter.snapshot()
-    cpu0, rcpu0, t0 = time.process_time(), _redis_cpu(admin), time.monotonic()
-    time.sleep(s.prl_intervals * prl_interval)
-    wire1, cmds1 = counter.snapshot()
-    cpu1, rcpu1, elapsed = time.process_time(), _redis_cpu(admin), time.monotonic() - t0
-    connections = int(admin.info("clients")["connected_clients"]) - clients0
-    still = sum(bool(lock._held) for lock in locks)
-    renews = (cmds1 - cmds0)["EVALSHA"]
-    prl_wire = f"{wire1 - wire0} ({_fmt_cmds(cmds1 - cmds0, 1)})"
-    t = time.perf_counter_ns()
-    for lock in locks:
-        lock.extend()
-    all_once = time.perf_counter_ns() - t
-    for lock in locks:
-        lock.release()
-    client.close()
+    prl_notes = []
+    for expire in s.prl_expires:
+        row, note = _prl_renewal(url, prefix, s, admin, expire)
+        section.rows.append(row)
+        prl_notes.append(note)
     admin.close()
-    section.rows.append(
-        [
-            "python-redis-lock",
-            f"{s.prl_locks:,} (expire {expire} s)",
-            str(threads),
-            f"{renews / (elapsed / prl_interval):.0f} (every {prl_interval:g} s)",
-            f"{renews / elapsed:.2f}",
-            f"{s.prl_locks:,} RTs: {ms(all_once)} ms",
-            f"{(cpu1 - cpu0) * 1000 / elapsed:.1f}",
-            f"{(rcpu1 - rcpu0) * 1000 / elapsed:.1f}",
-            f"{still:,}",
-        ]
-    )
-    log(f"renewal: python-redis-lock done ({s.prl_locks} locks acquired in {acquired_in:.2f} s)")
     section.notes += [
         f"celery-exclusive: {s.ce_intervals} renewal intervals, the window opening just after "
         f"a renewal completed; on the wire: {ce_wire} round trips",
-        f"python-redis-lock: {s.prl_intervals} intervals after every thread had renewed once; "
-        f"on the wire: {prl_wire} round trips; its renewal threads opened "
-        f"{connections} extra Redis connections (a redis-py pool grows to the number of "
-        "threads talking at once)",
+        *prl_notes,
+        "python-redis-lock's pool was given room for one connection per lock: with redis-py "
+        "8's default limit of 100, 1,000 renewal threads die of MaxConnectionsError and their "
+        "locks expire; a thread whose extend() comes after its lock expired dies of NotAcquired",
         "renew all once: celery-exclusive times store.backend.renew() of every lease in one "
         f"call (median of {s.renew_calls}); python-redis-lock has no batch, so its figure is "
         "one extend() per lock in a loop",
@@ -833,7 +905,50 @@ def bench_renewal(url: str, prefix: str, s: Settings, private: bool) -> tuple[Se
         "server's used_cpu_user+sys"
         + ("" if private else " (an external server: other clients count too)"),
     ]
-    return section, ce_rts
+    if private:
+        section.notes.append(
+            "ms in Redis: the renew script's own run time (commandstats), during which a "
+            "Lua script blocks every other client of the server"
+        )
+    held_section = Section(
+        f"5. acquire+release of one more lease while {s.ce_leases:,} are held "
+        f"({s.held_rounds} interleaved rounds x {s.held_pairs:,} pairs)",
+        [
+            "leases already held",
+            "auto_renew",
+            "median us",
+            "p99 us",
+            "vs auto_renew=False",
+            "process CPU us/pair",
+        ],
+    )
+    for held in (0, s.ce_leases):
+        base = held_samples[(held, False)]
+        for renew in (True, False):
+            blocks = held_samples[(held, renew)]
+            values = [v for block, _ in blocks for v in block]
+            ratios = [
+                statistics.median(b) / statistics.median(f)
+                for (b, _), (f, _) in zip(blocks, base, strict=True)
+            ]
+            cpu = sum(c for _, c in blocks) / len(values)
+            held_section.rows.append(
+                [
+                    f"{held:,}",
+                    str(renew),
+                    us(statistics.median(values)),
+                    us(percentile(values, 99)),
+                    f"{statistics.median(ratios):.2f}x",
+                    f"{cpu * 1e6:.0f}",
+                ]
+            )
+    held_section.notes += [
+        "same store and private renewer as benchmark 4; with leases held, their renewal "
+        "(once a second) runs during the measurement too",
+        "ratio: median over rounds of the two variants' round medians; process CPU: "
+        "time.process_time() of this process (every thread, so the renewal thread too) per pair",
+    ]
+    return section, held_section, ce_rts
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -875,13 +990,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("wake-up latency ...")
             wake_section, ce_p50, prl_p50 = bench_wakeup(url, prefix, settings)
             log("renewal ...")
-            renew_section, renew_rts = bench_renewal(url, prefix, settings, private)
+            renew_section, held_section, renew_rts = bench_renewal(url, prefix, settings, private)
         finally:
             if not private:  # leave nothing of ours behind on someone else's server
                 for key in admin.scan_iter(match=f"*{prefix}*", count=1000):
                     admin.delete(key)
             admin.close()
-    report.sections = [lat_section, rt_section, wake_section, renew_section]
+    report.sections = [lat_section, rt_section, wake_section, renew_section, held_section]
     ce_acq, ce_rel = rts[CE.name]
     report.verdicts = [
         (
