@@ -352,6 +352,7 @@ INSERT OR IGNORE INTO {fence} (key, fence, updated_at) VALUES (?, ?, ?)
 
 SQLITE_DROP_EXPIRED = """
 -- Acquire, step 2: delete the key's expired holders. Parameters: key, now (us).
+-- Returns nothing.
 DELETE FROM {lease} WHERE key = ? AND expires_at <= ?
 """
 
@@ -421,12 +422,14 @@ UPDATE {lease} SET meta = ? WHERE key = ? AND token = ? AND expires_at > ?
 """
 
 SQLITE_FORCE_RELEASE_ONE = """
--- Force-release one token's hold. Parameters: key, token. Row count = holds removed.
+-- Force-release one token's hold. Parameters: key, token.
+-- Returns nothing; the row count is the number of holds removed (0 or 1).
 DELETE FROM {lease} WHERE key = ? AND token = ?
 """
 
 SQLITE_FORCE_RELEASE_ALL = """
--- Force-release every hold of a key. Parameters: key. Row count = holds removed.
+-- Force-release every hold of a key. Parameters: key.
+-- Returns nothing; the row count is the number of holds removed.
 DELETE FROM {lease} WHERE key = ?
 """
 
@@ -1001,7 +1004,13 @@ class PostgresBackend(_SQLBackend):
         self, key: str, token: str, *, ttl: float, limit: int, meta: str, wait: float = 0.0
     ) -> Grant | Conflict:
         # ``wait`` is not needed: a release always notifies (NOTIFY costs nothing unheard).
-        params = {"key": self._k(key), "token": token, "ttl": ttl, "limit": limit, "meta": meta}
+        params = {
+            "key": self._k(key),
+            "token": token,
+            "ttl": float(ttl),
+            "limit": int(limit),
+            "meta": meta,
+        }
 
         def op(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
             with conn.pipeline():
@@ -1153,7 +1162,8 @@ class SQLiteBackend(_SQLBackend):
 
     ::
 
-        store = connect("sqlite:///var/lib/myapp/leases.db")     # relative: sqlite:///leases.db
+        store = connect("sqlite:////var/lib/myapp/leases.db")    # absolute path
+        store = connect("sqlite:///leases.db")                    # relative to the cwd
     """
 
     scheme = "sqlite"
@@ -1273,7 +1283,7 @@ class SQLiteBackend(_SQLBackend):
                 check_same_thread=False,  # guarded by self._lock
             )
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
+                self._enable_wal(conn)
                 conn.execute("PRAGMA synchronous=NORMAL")
                 if self.create_tables and not self._ready:
                     conn.execute("BEGIN IMMEDIATE")
@@ -1291,6 +1301,22 @@ class SQLiteBackend(_SQLBackend):
                 raise
             self._conn = conn
         return self._conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL mode (once per file; kept by SQLite from then on).
+
+        Processes opening a new file together race for the switch, and SQLite answers the
+        losers "database is locked" at once, not after the busy timeout: retry until then.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     def _tx(self, what: str, op: Callable[[sqlite3.Connection, int], T]) -> T:
         """Run ``op(conn, now_us)`` in one BEGIN IMMEDIATE transaction."""

@@ -1,0 +1,337 @@
+"""Faults on the SQL stores: a holder killed -9, PostgreSQL restarted or down under a held lease,
+and racing processes whose recorded history must show exclusion and fence order.
+
+Holders are ``holder.py`` subprocesses (it takes any store URL). The restart tests use a
+PostgreSQL server of their own (``private_postgres``), never the session's nor one named by
+``CELERY_EXCLUSIVE_TEST_POSTGRES_DSN``, and a private renewer.
+
+What a restart does to a lease on PostgreSQL: leases are rows, and rows survive a restart (and a
+crash of the server process). So a holder whose renewal gets through before its local deadline
+(``ttl`` after its last successful renewal was sent) simply keeps its lease: the failed
+renewals are retried every ``ttl / 10`` (at most 1 s). A database down for longer than the ttl
+makes the holder report the lease lost ("could not renew before it expired"); when the database
+is back, the row has expired by the database's clock, so the key is free for the next acquirer,
+with a higher fence, and the old holder's late release frees nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from celery_exclusive import BackendError, Lease, LeaseLost, Store, connect
+from celery_exclusive.renewal import Renewer
+
+from ..conftest import unavailable
+from ..history import check_history
+from ..pg import PostgresServer, postgres_bin_dir, shared_postgres_url
+from ..servers import wait_until
+from .conftest import START_TIMEOUT, SpawnHolder
+
+pytestmark = pytest.mark.timeout(60)
+
+#: Slack on top of a ttl for a loaded CI box: scheduling, round trips, a waiter's wake-up.
+MARGIN = 2.5
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> str:
+    try:
+        return shared_postgres_url()
+    except RuntimeError as exc:
+        unavailable(f"no PostgreSQL ({exc}): install PostgreSQL or pgserver")
+        raise
+
+
+@pytest.fixture
+def sqlite_file_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'leases.db'}"
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def sql_url(request: pytest.FixtureRequest) -> str:
+    name = "pg_url" if request.param == "postgres" else "sqlite_file_url"
+    return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of this test's own, free to be stopped, crashed and restarted."""
+    if postgres_bin_dir() is None:
+        unavailable("no PostgreSQL binaries to restart: install PostgreSQL or pgserver")
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def fault_store(private_postgres: PostgresServer, prefix: str) -> Iterator[tuple[Store, Renewer]]:
+    renewer = Renewer()
+    store = Store(connect(private_postgres.dsn, prefix=prefix).backend, renewer=renewer)
+    try:
+        yield store, renewer
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[threading.ExceptHookArgs]:
+    """Exceptions that escaped any thread during the test."""
+    seen: list[threading.ExceptHookArgs] = []
+    original = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        seen.append(args)
+        original(args)
+
+    monkeypatch.setattr(threading, "excepthook", hook)
+    return seen
+
+
+class LostLog:
+    """An on_lost callback that remembers each (reason, time) and can be waited on."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.at: list[float] = []
+        self.event = threading.Event()
+
+    def __call__(self, _lease: Lease, reason: str) -> None:
+        self.reasons.append(reason)
+        self.at.append(time.monotonic())
+        self.event.set()
+
+
+def renewal_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Errors logged by the library (the renewal thread logs ERROR only for a crash)."""
+    return [
+        r.getMessage() + (f" {r.exc_info[1]!r}" if r.exc_info else "")
+        for r in caplog.records
+        if r.name.startswith("celery_exclusive") and r.levelno >= logging.ERROR
+    ]
+
+
+def stays_held(lease: Lease, store: Store, seconds: float) -> None:
+    """Assert for ``seconds`` that ``lease`` is held and nobody else can take its key."""
+    other = store.lease(lease.key)
+    until = time.monotonic() + seconds
+    for _ in range(1000):
+        if time.monotonic() >= until:
+            return
+        assert lease.held, f"the lease was lost: {lease.lost_reason}"
+        assert not other.acquire(), "another owner got a held key"
+        time.sleep(0.05)
+
+
+# -- a holder killed -9 -----------------------------------------------------------------------
+
+
+def test_sigkilled_holder_frees_the_key_within_its_ttl(
+    spawn_holder: SpawnHolder, sql_url: str, prefix: str
+) -> None:
+    ttl = 1.0
+    store = connect(sql_url, prefix=prefix)
+    try:
+        # Given a holder process that took K and keeps renewing it past its ttl
+        child = spawn_holder(sql_url, prefix, "hold", "--key", "K", "--ttl", str(ttl))
+        fence_text, token = child.expect("ACQUIRED", START_TIMEOUT).split()
+        dead_fence = int(fence_text)
+        other = store.lease("K", ttl=5)
+        until = time.monotonic() + 2 * ttl
+        for _ in range(1000):
+            if time.monotonic() >= until:
+                break
+            assert not other.acquire(), "the key was free while its holder lived"
+            time.sleep(0.05)
+        assert [h.token for h in store.holders("K")] == [token]
+
+        # When the holder is SIGKILLed: no finally, no release, its connections cut
+        killed_at = time.monotonic()
+        child.signal(signal.SIGKILL)
+        child.wait(10)
+
+        # Then the key is free again within its ttl (+ margin), for a higher fence
+        waiter = store.lease("K", ttl=5)
+        assert waiter.acquire(blocking=True, timeout=10), "the dead holder's key never freed"
+        freed_after = time.monotonic() - killed_at
+        assert freed_after <= ttl + MARGIN, f"key freed {freed_after:.2f} s after the kill"
+        assert waiter.fence is not None and waiter.fence > dead_fence
+        assert [h.token for h in store.holders("K")] == [waiter.token]
+        assert waiter.release()
+    finally:
+        store.close()
+
+
+# -- PostgreSQL restarted or down under a held lease ------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["stop", "crash"])
+def test_quick_restart_keeps_the_lease_and_renewal_recovers(
+    private_postgres: PostgresServer,
+    fault_store: tuple[Store, Renewer],
+    caplog: pytest.LogCaptureFixture,
+    thread_errors: list[threading.ExceptHookArgs],
+    how: str,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="celery_exclusive")
+    store, renewer = fault_store
+    ttl = 3.0
+    # Given a held, renewed lease
+    lost = LostLog()
+    lease = store.lease("K", ttl=ttl, on_lost=lost)
+    assert lease.acquire()
+    fence = lease.fence
+    wait_until(lambda: renewer.round_trips >= 1, 5, "a first renewal")
+    old_pid = private_postgres.proc.pid if private_postgres.proc else None
+
+    # When the server is stopped (fast shutdown) or crashes (immediate shutdown), a renewal
+    # fails meanwhile, and the server comes back well within the ttl
+    if how == "stop":
+        private_postgres.stop()
+    else:
+        private_postgres.kill()
+    wait_until(
+        lambda: any("will retry" in r.getMessage() for r in caplog.records),
+        2 * ttl,
+        "a renewal to fail while the server is down",
+    )
+    private_postgres.start()
+    assert private_postgres.proc is not None and private_postgres.proc.pid != old_pid
+    trips = renewer.round_trips
+
+    # Then the lease is still held (the row survived; renewal got through before the deadline)
+    wait_until(lambda: renewer.round_trips >= trips + 2, 2 * ttl, "renewals after the restart")
+    stays_held(lease, store, ttl)
+    assert not lost.event.is_set(), lost.reasons
+    assert [(h.token, h.fence) for h in store.holders("K")] == [(lease.token, fence)]
+    assert lease.release() is True
+    assert renewal_failures(caplog) == []
+    assert thread_errors == []
+
+
+def test_down_past_the_ttl_reports_the_lease_lost_and_works_after(
+    private_postgres: PostgresServer,
+    fault_store: tuple[Store, Renewer],
+    caplog: pytest.LogCaptureFixture,
+    thread_errors: list[threading.ExceptHookArgs],
+) -> None:
+    caplog.set_level(logging.WARNING, logger="celery_exclusive")
+    store, _renewer = fault_store
+    ttl = 1.0
+    # Given a held, renewed lease, and a blocked waiter listening for its release
+    lost = LostLog()
+    lease = store.lease("K", ttl=ttl, on_lost=lost)
+    assert lease.acquire()
+    old_fence = lease.fence
+    assert old_fence is not None
+    assert store.backend.wait("K", 0.5) in (True, False)  # starts the LISTEN connection
+
+    # When the server stops and stays down for longer than the ttl
+    stopped_at = time.monotonic()
+    private_postgres.stop()
+
+    # Then the lease is reported lost, "could not renew", within the ttl (+ margin)...
+    wait_until(lost.event.is_set, ttl + MARGIN, "on_lost while the server is down")
+    assert lost.at[0] - stopped_at <= ttl + MARGIN
+    assert len(lost.reasons) == 1 and "could not renew" in lost.reasons[0], lost.reasons
+    assert not lease.held
+    with pytest.raises(LeaseLost):
+        lease.ensure_held()
+
+    # ...and store operations raise BackendError (wrapping psycopg's error), promptly
+    started = time.monotonic()
+    with pytest.raises(BackendError) as info:
+        store.lease("K2").acquire()
+    assert isinstance(info.value.__cause__, (psycopg.Error, OSError))
+    with pytest.raises(BackendError):
+        store.lease("K2").acquire(blocking=True, timeout=1)
+    with pytest.raises(BackendError):
+        store.holders("K2")
+    assert store.backend.wait("K2", 0.3) is False  # no listener: a short wait, no error
+    assert time.monotonic() - started <= 3 * MARGIN, "a down server hung the caller"
+
+    # When the server comes back, the old row has expired by the database's clock: the store
+    # works again, the key is free, for a higher fence, and the renewal thread still runs
+    private_postgres.start()
+    again = store.lease("K", ttl=ttl)
+    wait_until(again.acquire, 5, "an acquire after the server came back")
+    assert again.fence is not None and again.fence > old_fence
+    stays_held(again, store, 2.5 * ttl)
+    assert lease.release() is False  # the lost lease frees nothing
+    assert [h.token for h in store.holders("K")] == [again.token]
+
+    # ...and a blocked waiter is woken by a release again (the listener reconnected)
+    got: list[float] = []
+
+    def wait() -> None:
+        if store.lease("K", ttl=ttl).acquire(blocking=True, timeout=20):
+            got.append(time.monotonic())
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.3)
+    released_at = time.monotonic()
+    assert again.release() is True
+    waiter.join(20)
+    assert got and got[0] - released_at < 2.0, "the waiter was not woken by the release"
+    assert renewal_failures(caplog) == []
+    assert thread_errors == []
+
+
+# -- racing processes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_history_of_racing_processes_is_exclusive(
+    spawn_holder: SpawnHolder, sql_url: str, prefix: str, tmp_path: Path, limit: int
+) -> None:
+    # Given four processes that all start racing at once for three keys
+    workers, count, keys = 4, 100, "k0,k1,k2"
+    outs = [tmp_path / f"worker-{i}.jsonl" for i in range(workers)]
+    options = [
+        "--keys", keys,
+        "--limit", str(limit),
+        "--count", str(count),
+        "--ttl", "10",  # far beyond a 5 ms hold: a lease never expires while held
+        "--timeout", "15",
+        "--max-hold-ms", "5",
+    ]  # fmt: skip
+    children = [
+        spawn_holder(
+            sql_url, prefix, "loop", *options, "--seed", str(100 * limit + i), "--out", str(out)
+        )
+        for i, out in enumerate(outs)
+    ]
+    for child in children:
+        child.expect("READY", START_TIMEOUT)
+    for child in children:
+        child.send("GO")
+
+    # When every worker has done its acquisitions
+    deadline = time.monotonic() + 40
+    for child in children:
+        holds, timeouts = child.expect("DONE", max(deadline - time.monotonic(), 0.1)).split()
+        assert int(timeouts) == 0, f"a blocking acquire timed out: {child.describe()}"
+        assert int(holds) == count
+        assert child.wait(10) == 0, child.describe()
+
+    # Then every hold was released while still ours, no more than `limit` overlap on a key,
+    # and fences follow grant order
+    records = [json.loads(line) for out in outs for line in out.read_text().splitlines() if line]
+    assert len(records) == workers * count
+    assert [r for r in records if not r["released"]] == []
+    assert {r["key"] for r in records} == set(keys.split(","))
+    check_history(records, limit=limit)
