@@ -88,6 +88,10 @@ def test_configuration_errors_are_value_errors() -> None:
         ("redis+sentinel://127.0.0.1:26379/", "must name the service"),
         ("redis+cluster://:7000", "at least one host|invalid host"),
         ("redis+cluster://h:notaport", "invalid host"),
+        ("sqlite:///x.db?table=bad;drop", "invalid table name"),
+        ("sqlite:///x.db?bogus=1", "unknown SQLite store option"),
+        ("sqlite://relative", "invalid SQLite URL"),
+        ("postgresql://h/db?table=1bad", "invalid table name"),
     ],
 )
 def test_bad_urls(url: str, words: str) -> None:

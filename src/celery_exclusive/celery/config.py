@@ -37,7 +37,8 @@ def store_for(app: Any) -> Store:
     if url is None:
         raise ConfigurationError(
             "celery-exclusive needs a shared store: set exclusive_url (CELERY_EXCLUSIVE_URL in "
-            "Django) to redis://..., or use a Redis result backend or broker. A process-local "
+            "Django) to redis://... or postgresql://..., or use a Redis result backend or "
+            "broker. A process-local "
             "lock would protect one process only, so there is no default."
         )
     store = connect(url, prefix=settings.prefix)
