@@ -7,6 +7,7 @@ Schemes::
     redis+cluster://host:7000,host2:7001     Redis Cluster (rediss+cluster:// for TLS)
     postgresql://user:pass@host:5432/db      PostgreSQL (also postgres://; needs the postgres extra)
     sqlite:///relative/path.db               SQLite, one host only (sqlite:////absolute/path.db)
+    django-cache://default                   a Django cache alias (needs the django extra)
     memory://[name]                          this process only: for your unit tests
 
 A redis-py ``Redis`` or ``RedisCluster`` object may be passed instead of a URL.
@@ -220,10 +221,14 @@ def connect(url: str | Any, *, default_ttl: float = DEFAULT_TTL, **options: Any)
         from .backends.sql import SQLiteBackend
 
         return Store(SQLiteBackend.from_url(url, **options), default_ttl=default_ttl)
+    if scheme == "django-cache":
+        from .backends import django_cache
+
+        return Store(django_cache.from_url(url, **options), default_ttl=default_ttl)
     raise ConfigurationError(
         f"unknown store scheme {scheme!r} in {url.split('@')[-1]!r}; "
         "supported: redis, rediss, unix, redis+sentinel, redis+cluster, postgresql, postgres, "
-        "sqlite, memory"
+        "sqlite, django-cache, memory"
     )
 
 

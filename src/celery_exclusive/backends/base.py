@@ -162,6 +162,14 @@ class Backend(abc.ABC):
         """
         raise ConfigurationError(f"the {self.describe()} store cannot hand a lease over")
 
+    def hand_over(self, key: str, token: str, new_token: str, ttl: float) -> bool:
+        """Move ``token``'s live grant to ``new_token`` (same fence), atomically.
+
+        Returns False if ``token`` held no live lease. Optional (used by ``until_done``, which
+        falls back to one owner per task id without it).
+        """
+        raise ConfigurationError(f"the {self.describe()} store cannot hand a lease over")
+
     def close(self) -> None:  # noqa: B027 (optional hook, most backends have nothing to do)
         """Release connections held by this backend."""
 

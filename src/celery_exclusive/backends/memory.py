@@ -149,6 +149,17 @@ class MemoryBackend(Backend):
             self._signal(key, 1)
             return entry.meta
 
+    def hand_over(self, key: str, token: str, new_token: str, ttl: float) -> bool:
+        with self._cond:
+            now = self._clock()
+            entries = self._live(key, now)
+            entry = entries.pop(token, None)
+            if entry is None:
+                return False
+            entry.expires, entry.renewed = now + ttl, now
+            entries[new_token] = entry
+            return True
+
     def describe(self) -> str:
         return f"memory://{self._name}"
 

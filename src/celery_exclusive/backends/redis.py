@@ -100,6 +100,7 @@ class RedisBackend(Backend):
                 "force_release",
                 "update_meta",
                 "take",
+                "hand_over",
             )
         }
         self._scripts = {name: client.register_script(src) for name, src in self._sources.items()}
@@ -278,6 +279,10 @@ class RedisBackend(Backend):
         if reply is None:
             return None
         return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    def hand_over(self, key: str, token: str, new_token: str, ttl: float) -> bool:
+        reply = self._call("hand_over", [self._k(key, "lease")], [token, new_token, _ms(ttl)])
+        return bool(int(reply))
 
     def close(self) -> None:
         try:

@@ -35,7 +35,7 @@ def release_on_revoke(sender: Any = None, request: Any = None, **_: Any) -> None
         backend = store_for(sender.app).backend
         if opts.locks_at_enqueue:
             backend.release(_enqueue_key(key, opts), task_id)
-        if opts.hold in ("running", "queued_and_running"):
+        if opts.hold in ("running", "queued_and_running", "until_done"):
             for holder in backend.holders(key):
                 if holder.meta.get("task_id") == task_id:
                     backend.release(key, holder.token)
@@ -43,4 +43,17 @@ def release_on_revoke(sender: Any = None, request: Any = None, **_: Any) -> None
         logger.warning("could not release the leases of revoked task %s", task_id, exc_info=True)
 
 
+def release_after_run(sender: Any = None, task_id: Any = None, task: Any = None, **_: Any) -> None:
+    """Release the run lease of an acks_late task once Celery has stored its result."""
+    if not isinstance(task, ExclusiveTask):
+        return
+    request = task.request
+    pending = getattr(request, "_exclusive_release", None)
+    if pending is not None:
+        request._exclusive_release = None
+        lease, key = pending
+        task._release(lease, str(task_id), key)
+
+
 signals.task_revoked.connect(release_on_revoke, weak=False)
+signals.task_postrun.connect(release_after_run, weak=False)

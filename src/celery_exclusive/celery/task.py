@@ -195,7 +195,8 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         )
         current = self.exclusive if getattr(self.request, "id", None) == task_id else None
         if current is not None and current.key == lease.key:
-            current.detach()  # the retry message owns it now, with the queue's ttl
+            # the retry message owns it now (the acquire below gives it the queue's ttl)
+            _hand_back(current, task_id)
         acquired = lease.acquire()
         if not acquired and not retry:
             if opts.on_duplicate == "replace":
@@ -326,7 +327,12 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         finally:
             request._exclusive_lease = None
             if retrying and opts.hold == "until_done":
-                lease.detach()  # kept for the retry; apply_async gave it the queue's ttl
+                _hand_back(lease, task_id)  # kept for the retry (apply_async did it already)
+            elif self.acks_late and not request.is_eager:
+                # A redelivered copy of this message waits for this release and then asks the
+                # result backend whether the work is done: release only once Celery has
+                # stored the result (task_postrun, see handlers.release_after_run).
+                request._exclusive_release = (lease, key)
             else:
                 self._release(lease, task_id, key)
 
@@ -336,10 +342,12 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         """Take the lease a run holds (None when ``hold`` has none); raise _Skipped to skip."""
         if opts.hold not in RUN_HOLDS and opts.hold != "until_done":
             return None
-        # until_done: the worker adopts the enqueue lease (same owner: the task id) and renews
-        # it while the task runs. Otherwise each delivery is its own owner, so a redelivered
-        # copy of a running task is refused rather than let in.
-        token = task_id if opts.hold == "until_done" else f"{task_id}/{secrets.token_hex(6)}"
+        # Each delivery is its own owner, so a redelivered copy of a running task is refused
+        # rather than let in. until_done: the enqueue lease (owned by the task id) is handed
+        # over to this delivery, same grant and fence, and renewed while the task runs.
+        token = f"{task_id}/{secrets.token_hex(6)}"
+        if opts.hold == "until_done" and not _hand_over(store, key, task_id, token, opts.ttl):
+            token = task_id  # a store without hand-over: one owner per task id, as before
         lease = store.lease(
             key,
             token=token,
@@ -355,6 +363,8 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             on_lost=lambda _lease, reason: self._lost(task_id, key, reason, abort),
         )
         self._acquire_for_run(lease, key, opts, task_id)
+        if (getattr(request, "delivery_info", None) or {}).get("redelivered"):
+            self._skip_if_done(lease, key, task_id)
         return lease
 
     def _acquire_for_run(self, lease: Lease, key: str, opts: TaskOptions, task_id: str) -> None:
@@ -410,6 +420,10 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         if not lease.acquire(blocking=True, timeout=max(opts.wait_timeout, opts.ttl * 2)):
             countdown = min(opts.retry_countdown, opts.retry_max_countdown)
             raise self.retry(countdown=countdown, max_retries=None)
+        self._skip_if_done(lease, key, task_id)
+
+    def _skip_if_done(self, lease: Lease, key: str, task_id: str) -> None:
+        """A copy of this task id already succeeded: release the key and skip the run."""
         previous = self.AsyncResult(task_id)
         if previous.state == "SUCCESS":
             # The first copy finished; running again would do the work twice.
@@ -511,6 +525,31 @@ def _skip_record(
         "holder_task_id": holder.get("task_id"),
         "holder": {k: v for k, v in holder.items() if k != "token"},
     }
+
+
+def _hand_over(store: Store, key: str, task_id: str, token: str, ttl: float) -> bool:
+    """until_done: move the enqueue grant (owned by the task id) to the run's own token.
+
+    True also when there was nothing to move (a redelivered copy finds the key held by the
+    running copy's token and waits); False only for a store that cannot hand over.
+    """
+    try:
+        store.backend.hand_over(key, task_id, token, ttl)
+    except ConfigurationError:
+        return False
+    except BackendError:
+        logger.warning("could not hand over the enqueue lease of %s", key, exc_info=True)
+    return True
+
+
+def _hand_back(lease: Lease, task_id: str) -> None:
+    """until_done retry: give the run's grant back to the task id (the retry message)."""
+    if lease.token != task_id:
+        try:
+            lease.backend.hand_over(lease.key, lease.token, task_id, lease.ttl)
+        except (ConfigurationError, BackendError):
+            logger.warning("could not keep %r for the retry", lease.key, exc_info=True)
+    lease.detach()
 
 
 def _enqueue_key(key: str, opts: TaskOptions) -> str:

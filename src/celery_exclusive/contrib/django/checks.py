@@ -1,0 +1,112 @@
+"""System checks (``manage.py check``): a store every process shares, configured sanely.
+
+They read settings only and never connect: an unreachable server is not a configuration
+error, and a check must not hang a deploy on the network.
+
+=========================  ======================================================================
+``celery_exclusive.E001``  the store's cache is not shared between processes or not atomic
+                           (``LocMemCache``, ``DummyCache``, ``FileBasedCache``)
+``celery_exclusive.E002``  no store at all
+``celery_exclusive.E003``  a cache that is not supported (unknown alias or class, ``PyLibMCCache``,
+                           django-redis ``ShardClient``)
+``celery_exclusive.E004``  an invalid setting (unknown URL scheme, two stores, a bad value)
+``celery_exclusive.W001``  ``memory://``: one process only, for tests
+``celery_exclusive.W002``  leases in the ``default`` database cache, which Django culls
+=========================  ======================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core import checks
+
+from ...backends.django_cache import inspect_cache
+from ...exceptions import ConfigurationError
+from .conf import cache_alias, django_settings, store_url
+
+__all__ = ["check_store"]
+
+#: URL schemes ``connect()`` knows (checked without importing or connecting anything).
+KNOWN_SCHEMES = frozenset(
+    {
+        "redis", "rediss", "unix", "valkey", "valkeys",
+        "redis+sentinel", "rediss+sentinel", "sentinel",
+        "redis+cluster", "rediss+cluster",
+        "postgresql", "postgres", "sqlite",
+        "django-cache", "memory",
+    }
+)  # fmt: skip
+
+_STORE_HINT = (
+    "Set CELERY_EXCLUSIVE_URL to a store every web and worker process can reach "
+    "(redis://host:6379/0, postgresql://...), or CELERY_EXCLUSIVE_CACHE to a Redis, database "
+    "or Memcached cache alias."
+)
+
+
+@checks.register("celery_exclusive")
+def check_store(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Check the celery-exclusive settings, statically."""
+    try:
+        settings = django_settings()
+        alias = cache_alias()
+        url = store_url(settings)
+    except ConfigurationError as exc:
+        return [_error("E004", f"Invalid celery-exclusive setting: {exc}", _STORE_HINT)]
+    if not settings.enabled:
+        return []
+    if url is None:
+        return [
+            _error(
+                "E002",
+                "celery-exclusive has no store: none of CELERY_EXCLUSIVE_URL, "
+                "CELERY_EXCLUSIVE_CACHE, or a Redis CELERY_RESULT_BACKEND / CELERY_BROKER_URL "
+                "is set.",
+                _STORE_HINT,
+            )
+        ]
+    if not isinstance(url, str):
+        return []  # a client object: nothing to look at without connecting
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in KNOWN_SCHEMES:
+        shown = f"{scheme}://" if sep else repr(url[:40])
+        return [
+            _error(
+                "E004",
+                f"CELERY_EXCLUSIVE_URL has an unknown store scheme {shown}.",
+                "Known schemes: " + ", ".join(sorted(KNOWN_SCHEMES)) + ".",
+            )
+        ]
+    if scheme == "memory":
+        return [
+            checks.Warning(
+                "CELERY_EXCLUSIVE_URL is memory://: leases live in one process only and "
+                "protect nothing across web and worker processes.",
+                hint="Use it in test settings only; " + _STORE_HINT,
+                id="celery_exclusive.W001",
+            )
+        ]
+    if scheme == "django-cache":
+        cache = alias or rest.partition("?")[0].strip("/")
+        support = inspect_cache(cache)
+        if not support.supported:
+            setting = "CELERY_EXCLUSIVE_CACHE" if alias else "CELERY_EXCLUSIVE_URL"
+            return [_error(support.check_id, f"{setting}: {support.problem}", support.hint)]
+        if support.kind == "database" and cache == "default":
+            return [
+                checks.Warning(
+                    "Leases are in the 'default' database cache. When the site's own cache "
+                    "entries push its table past MAX_ENTRIES, Django culls rows by key order, "
+                    "and a culled live lease can be granted twice.",
+                    hint="Give the leases a cache alias of their own (its own LOCATION table), "
+                    "which nothing else writes to; see docs/django.md.",
+                    id="celery_exclusive.W002",
+                )
+            ]
+    return []
+
+
+def _error(code: str, msg: str, hint: str) -> checks.Error:
+    return checks.Error(msg, hint=hint, id=f"celery_exclusive.{code}")
