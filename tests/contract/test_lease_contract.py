@@ -277,3 +277,17 @@ def test_update_meta_and_take_hand_a_lease_over(store: Store) -> None:
     assert store.holders("pending") == []
     assert store.backend.take("pending", lease.token) is None
     assert store.backend.update_meta("pending", lease.token, "{}") is False
+
+
+def test_max_hold_stops_renewal_so_a_stuck_holder_lets_go(store: Store) -> None:
+    # Given a holder that renews (ttl 0.3 s) but may hold for at most 0.6 s
+    stuck = store.lease("job", ttl=0.3, max_hold=0.6)
+    stuck.acquire()
+    other = store.lease("job")
+    started = time.monotonic()
+    # Then renewal keeps it past its ttl, stops at max_hold, and the key comes free after
+    wait_until(other.acquire, 10, "max_hold + ttl to pass")
+    elapsed = time.monotonic() - started
+    assert 0.5 <= elapsed < 5, elapsed
+    assert not stuck.held
+    other.release()
