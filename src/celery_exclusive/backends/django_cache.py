@@ -487,6 +487,8 @@ class DjangoCacheBackend(Backend):
             raise BackendError(
                 f"{self._description} holds a record for {key!r} that is not ours: {exc}"
             ) from exc
+        if record.key != key:  # a hashed cell name shared by two keys: refuse, never mix them
+            raise BackendError(f"{self._description}: {key!r} and {record.key!r} share a record")
         return record
 
     def _update(self, key: str, change: Any) -> Any:

@@ -1,0 +1,149 @@
+"""System checks: refused caches, a missing store, bad settings; never a connection."""
+
+from __future__ import annotations
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.test import override_settings
+
+from celery_exclusive import ConfigurationError, connect
+from celery_exclusive.contrib.django.checks import check_store
+
+# Every server below is unreachable (port 1): the checks must pass or fail without asking.
+NOWHERE_REDIS = "redis://127.0.0.1:1/0"
+
+CACHES = {
+    "locmem": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "dummy": {"BACKEND": "django.core.cache.backends.dummy.DummyCache"},
+    "file": {"BACKEND": "django.core.cache.backends.filebased.FileBasedCache", "LOCATION": "/x"},
+    "redis": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": NOWHERE_REDIS},
+    "django-redis": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": NOWHERE_REDIS},
+    "shards": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": [NOWHERE_REDIS, "redis://127.0.0.1:2/0"],
+        "OPTIONS": {"CLIENT_CLASS": "django_redis.client.ShardClient"},
+    },
+    "memcached": {
+        "BACKEND": "django.core.cache.backends.memcached.PyMemcacheCache",
+        "LOCATION": "127.0.0.1:1",
+    },
+    "pylibmc": {
+        "BACKEND": "django.core.cache.backends.memcached.PyLibMCCache",
+        "LOCATION": "127.0.0.1:1",
+    },
+}
+
+
+def ids(**overrides: object) -> list[str]:
+    with override_settings(CACHES={**settings.CACHES, **CACHES}, **overrides):
+        return [m.id or "" for m in check_store()]
+
+
+@pytest.mark.parametrize("alias", ["locmem", "dummy", "file"])
+def test_a_cache_not_shared_or_not_atomic_is_E001(alias: str) -> None:
+    assert ids(CELERY_EXCLUSIVE_CACHE=alias) == ["celery_exclusive.E001"]
+    assert ids(CELERY_EXCLUSIVE_CACHE=None, CELERY_EXCLUSIVE_URL=f"django-cache://{alias}") == [
+        "celery_exclusive.E001"
+    ]
+
+
+@pytest.mark.parametrize("alias", ["redis", "django-redis", "db", "memcached"])
+def test_a_shared_atomic_cache_passes_without_being_contacted(alias: str) -> None:
+    assert ids(CELERY_EXCLUSIVE_CACHE=alias) == []
+
+
+@pytest.mark.parametrize("alias", ["pylibmc", "shards", "no-such-alias"])
+def test_an_unsupported_cache_is_E003(alias: str) -> None:
+    assert ids(CELERY_EXCLUSIVE_CACHE=alias) == ["celery_exclusive.E003"]
+
+
+def test_no_store_at_all_is_E002() -> None:
+    assert ids(CELERY_EXCLUSIVE_CACHE=None) == ["celery_exclusive.E002"]
+
+
+def test_a_redis_broker_is_a_store_as_for_celery() -> None:
+    assert ids(CELERY_EXCLUSIVE_CACHE=None, CELERY_BROKER_URL=NOWHERE_REDIS) == []
+    assert ids(CELERY_EXCLUSIVE_CACHE=None, CELERY_BROKER_URL="amqp://localhost//") == [
+        "celery_exclusive.E002"
+    ]
+
+
+def test_an_unreachable_url_is_not_contacted_and_passes() -> None:
+    assert ids(CELERY_EXCLUSIVE_CACHE=None, CELERY_EXCLUSIVE_URL=NOWHERE_REDIS) == []
+    assert (
+        ids(CELERY_EXCLUSIVE_CACHE=None, CELERY_EXCLUSIVE_URL="redis+cluster://127.0.0.1:1") == []
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"CELERY_EXCLUSIVE_CACHE": None, "CELERY_EXCLUSIVE_URL": "mongodb://localhost"},
+        {"CELERY_EXCLUSIVE_CACHE": None, "CELERY_EXCLUSIVE_URL": "localhost:6379"},
+        {"CELERY_EXCLUSIVE_CACHE": "db", "CELERY_EXCLUSIVE_URL": NOWHERE_REDIS},
+        {"CELERY_EXCLUSIVE_CACHE": 3},
+        {"CELERY_EXCLUSIVE_QUEUE_TTL": -1},
+    ],
+)
+def test_an_invalid_setting_is_E004(overrides: dict[str, object]) -> None:
+    assert ids(**overrides) == ["celery_exclusive.E004"]
+
+
+def test_memory_store_is_a_warning() -> None:
+    assert ids(CELERY_EXCLUSIVE_CACHE=None, CELERY_EXCLUSIVE_URL="memory://") == [
+        "celery_exclusive.W001"
+    ]
+
+
+def test_the_default_database_cache_is_a_warning() -> None:
+    caches = {**settings.CACHES, "default": settings.CACHES["db"]}
+    with override_settings(CACHES=caches, CELERY_EXCLUSIVE_CACHE="default"):
+        assert [m.id for m in check_store()] == ["celery_exclusive.W002"]
+
+
+def test_disabled_needs_no_store() -> None:
+    assert ids(CELERY_EXCLUSIVE_CACHE=None, CELERY_EXCLUSIVE_ENABLED=False) == []
+
+
+def test_manage_py_check_reports_E001_with_a_hint() -> None:
+    caches = {**settings.CACHES, "locmem": CACHES["locmem"]}
+    with (
+        override_settings(CACHES=caches, CELERY_EXCLUSIVE_CACHE="locmem"),
+        pytest.raises(SystemCheckError) as info,
+    ):
+        call_command("check")
+    text = str(info.value)
+    assert "celery_exclusive.E001" in text
+    assert "one process only" in text
+    assert "HINT:" in text and "CELERY_EXCLUSIVE_URL" in text
+
+
+@pytest.mark.parametrize(
+    ("alias", "words"),
+    [("locmem", "one process only"), ("dummy", "stores nothing"), ("file", "not atomic")],
+)
+def test_connect_refuses_the_same_caches(alias: str, words: str) -> None:
+    with (
+        override_settings(CACHES={**settings.CACHES, **CACHES}),
+        pytest.raises(ConfigurationError, match=words),
+    ):
+        connect(f"django-cache://{alias}")
+
+
+def test_connect_to_an_unreachable_cache_does_not_connect_yet() -> None:
+    with override_settings(CACHES={**settings.CACHES, **CACHES}):
+        for alias in ("redis", "django-redis", "memcached"):
+            store = connect(f"django-cache://{alias}")
+            assert alias in repr(store)
+            store.close()
+
+
+def test_django_cache_url_parameters_are_checked() -> None:
+    with pytest.raises(ConfigurationError, match="unknown django-cache"):
+        connect("django-cache://db?timeout=3")
+    with pytest.raises(ConfigurationError, match="poll"):
+        connect("django-cache://db?poll=0")
+    with pytest.raises(ConfigurationError, match="name a cache alias"):
+        connect("django-cache://")
