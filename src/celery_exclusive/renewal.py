@@ -53,12 +53,16 @@ class Renewer:
         self._leases: dict[int, Lease] = {}
         self._thread: threading.Thread | None = None
         self._wake_at = 0.0  # when the thread will next wake by itself (monotonic)
+        # With nothing to renew the thread still wakes every so often (the shortest renewal
+        # interval seen), so that a short task's lease, due after that, need not wake it.
+        self._idle_interval = 60.0
         self.round_trips = 0  # renewal requests sent, for tests and benchmarks
 
     def add(self, lease: Lease) -> None:
         """Start renewing ``lease`` (idempotent)."""
         with self._cond:
             self._leases[id(lease)] = lease
+            self._idle_interval = min(self._idle_interval, max(lease.ttl / 3, 0.05))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="celery-exclusive-renewer", daemon=True
@@ -91,8 +95,8 @@ class Renewer:
             while True:
                 now = time.monotonic()
                 if not self._leases:
-                    self._wake_at = now + 60.0
-                    self._cond.wait(60.0)
+                    self._wake_at = now + self._idle_interval
+                    self._cond.wait(self._idle_interval)
                     continue
                 earliest = min(lease.next_renewal for lease in self._leases.values())
                 if earliest <= now:
