@@ -16,8 +16,10 @@ from ..workers import Worker, wait_for
 from .conftest import CeleryEnv
 
 
-@pytest.fixture(scope="module", params=["prefork", "threads", "solo"])
+@pytest.fixture(scope="module", params=["prefork", "threads", "solo", "gevent"])
 def worker(request: pytest.FixtureRequest, celery_env: CeleryEnv) -> Iterator[Worker]:
+    if request.param == "gevent":
+        pytest.importorskip("gevent", reason="pip install gevent to test the gevent pool")
     concurrency = 1 if request.param == "solo" else 4
     w = celery_env.worker(pool=request.param, concurrency=concurrency).start()
     try:
