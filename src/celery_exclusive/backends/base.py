@@ -12,18 +12,38 @@ judged by the store's own clock wherever the store has one, never by the caller'
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..exceptions import ConfigurationError
 
-__all__ = ["Backend", "Conflict", "Grant", "Holder", "LeaseInfo", "RenewRequest"]
+__all__ = [
+    "Backend",
+    "Conflict",
+    "Grant",
+    "Holder",
+    "LeaseInfo",
+    "RenewRequest",
+    "parse_meta",
+]
 
 #: How long a key's fence counter outlives its last grant. Fences are seeded from the store's
 #: clock in microseconds when a counter is created, so a counter that expired and is created
 #: again still starts above every fence it ever handed out (see ``docs/guarantees.md``).
 DEFAULT_FENCE_RETENTION = 7 * 24 * 3600.0
+
+
+def parse_meta(text: str | None) -> dict[str, Any]:
+    """Turn a holder's stored metadata (JSON text) into a dict, whatever the text holds."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {"raw": text}
+    return value if isinstance(value, dict) else {"meta": value}
 
 
 @dataclass(frozen=True)

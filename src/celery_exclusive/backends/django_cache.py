@@ -65,6 +65,7 @@ from .base import (
     Holder,
     LeaseInfo,
     RenewRequest,
+    parse_meta,
 )
 
 __all__ = [
@@ -385,10 +386,6 @@ class _Record:
     def holder_list(self, now: int) -> list[Holder]:
         out = []
         for token, (expires, fence, acquired, renewed, meta) in self.live(now).items():
-            try:
-                meta_obj = json.loads(meta) if meta else {}
-            except ValueError:
-                meta_obj = {"raw": meta}
             out.append(
                 Holder(
                     token=token,
@@ -396,7 +393,7 @@ class _Record:
                     expires_in=(int(expires) - now) / 1e6,
                     acquired_at=int(acquired) / 1e6,
                     renewed_at=int(renewed) / 1e6,
-                    meta=meta_obj if isinstance(meta_obj, dict) else {"meta": meta_obj},
+                    meta=parse_meta(meta),
                 )
             )
         return out

@@ -9,13 +9,12 @@ registered under NAME in this process, so two ``connect`` calls can share one.
 from __future__ import annotations
 
 import fnmatch
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from .base import Backend, Conflict, Grant, Holder, LeaseInfo, RenewRequest
+from .base import Backend, Conflict, Grant, Holder, LeaseInfo, RenewRequest, parse_meta
 
 __all__ = ["MemoryBackend"]
 
@@ -170,7 +169,7 @@ class MemoryBackend(Backend):
 
     @staticmethod
     def _holder(token: str, entry: _Entry, now: float) -> Holder:
-        meta = json.loads(entry.meta) if entry.meta else {}
+        meta = parse_meta(entry.meta)
         return Holder(
             token=token,
             fence=entry.fence,

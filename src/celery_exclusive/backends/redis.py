@@ -14,7 +14,6 @@ worker's. Works on Redis 6.2+ and Valkey: standalone, Sentinel and Cluster, plai
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -32,6 +31,7 @@ from .base import (
     Holder,
     LeaseInfo,
     RenewRequest,
+    parse_meta,
 )
 
 __all__ = ["RedisBackend"]
@@ -315,10 +315,6 @@ def _parse_holders(flat: Sequence[Any], now_ms: int) -> list[Holder]:
         exp, fence, acquired, renewed, meta = value.split("|", 4)
         if int(exp) <= now_ms:
             continue
-        try:
-            meta_obj = json.loads(meta) if meta else {}
-        except ValueError:
-            meta_obj = {"raw": meta}
         holders.append(
             Holder(
                 token=token,
@@ -326,7 +322,7 @@ def _parse_holders(flat: Sequence[Any], now_ms: int) -> list[Holder]:
                 expires_in=(int(exp) - now_ms) / 1000.0,
                 acquired_at=int(acquired) / 1000.0,
                 renewed_at=int(renewed) / 1000.0,
-                meta=meta_obj if isinstance(meta_obj, dict) else {"meta": meta_obj},
+                meta=parse_meta(meta),
             )
         )
     return holders

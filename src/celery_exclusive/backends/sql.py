@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import logging
 import os
 import re
@@ -47,6 +46,7 @@ from .base import (
     Holder,
     LeaseInfo,
     RenewRequest,
+    parse_meta,
 )
 
 if TYPE_CHECKING:
@@ -508,16 +508,6 @@ def _float_option(name: str, value: object) -> float:
     if not number > 0:
         raise ConfigurationError(f"{name} must be > 0, not {value!r}")
     return number
-
-
-def _meta(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {"raw": text}
-    return value if isinstance(value, dict) else {"meta": value}
 
 
 def _glob_prefix(match: str | None) -> str:
@@ -1131,7 +1121,7 @@ class PostgresBackend(_SQLBackend):
             expires_in=max(float(expires_in), 0.0),
             acquired_at=float(acquired),
             renewed_at=float(renewed),
-            meta=_meta(meta),
+            meta=parse_meta(meta),
         )
 
 
@@ -1473,5 +1463,5 @@ class SQLiteBackend(_SQLBackend):
             expires_in=max((int(expires) - int(now)) / 1e6, 0.0),
             acquired_at=int(acquired) / 1e6,
             renewed_at=int(renewed) / 1e6,
-            meta=_meta(meta),
+            meta=parse_meta(meta),
         )
