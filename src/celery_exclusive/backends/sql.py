@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from ..exceptions import BackendError, ConfigurationError
 from .base import (
@@ -895,7 +895,10 @@ class PostgresBackend(_SQLBackend):
                 f"known: {sorted(ours | {'listen_url'})}"
             )
         settings: dict[str, Any] = {**taken, **options}
-        plain = parts._replace(query=urlencode(rest)).geturl()
+        # Rebuilt by hand: urlunsplit turns postgresql:///db into postgresql:/db, and libpq
+        # decodes %20 but not the + that urlencode writes for a space by default.
+        base = url.split("#", 1)[0].split("?", 1)[0]
+        plain = base + ("?" + urlencode(rest, quote_via=quote) if rest else "")
         listen_url = settings.pop("listen_url", None)
         return cls(
             plain,

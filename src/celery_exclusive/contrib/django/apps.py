@@ -15,16 +15,19 @@ class CeleryExclusiveConfig(AppConfig):
 
     def ready(self) -> None:
         from django.core.signals import setting_changed
+        from django.db.backends.signals import connection_created
 
         from . import checks  # noqa: F401 (registers the system checks)
-        from .conf import bridge_cache_setting
+        from .conf import bridge_settings, database_changed
 
-        bridge_cache_setting()
+        bridge_settings()
         setting_changed.connect(_on_setting_changed, dispatch_uid="celery_exclusive.reset")
+        # The test runner renames the database after ready(): follow it (CELERY_EXCLUSIVE_DATABASE).
+        connection_created.connect(database_changed, dispatch_uid="celery_exclusive.database")
 
 
 def _on_setting_changed(setting: str, **kwargs: object) -> None:
-    if setting.startswith("CELERY_") or setting == "CACHES":
+    if setting.startswith("CELERY_") or setting in ("CACHES", "DATABASES"):
         from .conf import reset
 
         reset()

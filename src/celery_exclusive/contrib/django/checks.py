@@ -10,6 +10,9 @@ error, and a check must not hang a deploy on the network.
 ``celery_exclusive.E003``  a cache that is not supported (unknown alias or class, ``PyLibMCCache``,
                            django-redis ``ShardClient``)
 ``celery_exclusive.E004``  an invalid setting (unknown URL scheme, two stores, a bad value)
+``celery_exclusive.E005``  ``CELERY_EXCLUSIVE_DATABASE`` names a database that cannot hold the
+                           leases (not PostgreSQL or SQLite, unknown alias, in-memory SQLite, no
+                           psycopg 3)
 ``celery_exclusive.W001``  ``memory://``: one process only, for tests
 ``celery_exclusive.W002``  leases in the ``default`` database cache, which Django culls
 =========================  ======================================================================
@@ -17,13 +20,14 @@ error, and a check must not hang a deploy on the network.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from django.core import checks
 
 from ...backends.django_cache import inspect_cache
 from ...exceptions import ConfigurationError
-from .conf import cache_alias, django_settings, store_url
+from .conf import UnsupportedDatabase, cache_alias, database_alias, django_settings, store_url
 
 __all__ = ["check_store"]
 
@@ -40,8 +44,15 @@ KNOWN_SCHEMES = frozenset(
 
 _STORE_HINT = (
     "Set CELERY_EXCLUSIVE_URL to a store every web and worker process can reach "
-    "(redis://host:6379/0, postgresql://...), or CELERY_EXCLUSIVE_CACHE to a Redis, database "
-    "or Memcached cache alias."
+    "(redis://host:6379/0, postgresql://...), CELERY_EXCLUSIVE_CACHE to a Redis, database "
+    "or Memcached cache alias, or CELERY_EXCLUSIVE_DATABASE to a PostgreSQL or SQLite "
+    "DATABASES alias."
+)
+
+_DATABASE_HINT = (
+    "CELERY_EXCLUSIVE_DATABASE must name a PostgreSQL (psycopg 3) or SQLite (a file) database "
+    "of DATABASES; for another database, set CELERY_EXCLUSIVE_URL to a store of its own "
+    "(redis://..., postgresql://...). See docs/django.md."
 )
 
 
@@ -51,18 +62,37 @@ def check_store(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
     try:
         settings = django_settings()
         alias = cache_alias()
+        database = database_alias()
         url = store_url(settings)
+    except UnsupportedDatabase as exc:
+        if not settings.enabled:
+            return []
+        return [_error("E005", f"CELERY_EXCLUSIVE_DATABASE: {exc}.", _DATABASE_HINT)]
     except ConfigurationError as exc:
         return [_error("E004", f"Invalid celery-exclusive setting: {exc}", _STORE_HINT)]
     if not settings.enabled:
         return []
+    if (
+        database is not None
+        and isinstance(url, str)
+        and url.startswith("postgresql://")
+        and importlib.util.find_spec("psycopg") is None
+    ):
+        return [
+            _error(
+                "E005",
+                f"CELERY_EXCLUSIVE_DATABASE: the store on {database!r} (PostgreSQL) needs "
+                "psycopg 3, which is not installed (Django may be using psycopg2).",
+                "pip install 'celery-exclusive[postgres]'",
+            )
+        ]
     if url is None:
         return [
             _error(
                 "E002",
                 "celery-exclusive has no store: none of CELERY_EXCLUSIVE_URL, "
-                "CELERY_EXCLUSIVE_CACHE, or a Redis CELERY_RESULT_BACKEND / CELERY_BROKER_URL "
-                "is set.",
+                "CELERY_EXCLUSIVE_CACHE, CELERY_EXCLUSIVE_DATABASE, or a Redis "
+                "CELERY_RESULT_BACKEND / CELERY_BROKER_URL is set.",
                 _STORE_HINT,
             )
         ]

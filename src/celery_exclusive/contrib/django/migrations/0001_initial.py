@@ -24,7 +24,7 @@ class Migration(migrations.Migration):
             options={
                 "verbose_name": "held lease",
                 "verbose_name_plural": "held leases",
-                "permissions": [("release_lease", "Can force-release a held lease")],
+                "permissions": (("release_lease", "Can force-release a held lease"),),
                 "managed": False,
                 "default_permissions": ("view",),
             },
