@@ -291,3 +291,22 @@ def test_max_hold_stops_renewal_so_a_stuck_holder_lets_go(store: Store) -> None:
     assert 0.5 <= elapsed < 5, elapsed
     assert not stuck.held
     other.release()
+
+
+def test_hand_over_moves_a_live_grant_keeping_its_fence(store: Store) -> None:
+    if type(store.backend).hand_over is Backend.hand_over:
+        pytest.skip(f"{store.backend.describe()} does not offer hand-overs")
+    # Given a grant owned by a task id (an enqueue lease)
+    queued = store.lease("job", token="task-1")
+    queued.acquire()
+    # When a run takes it over under its own token
+    assert store.backend.hand_over("job", "task-1", "task-1/run-a", 30.0) is True
+    # Then the run holds it with the same fence, and the old token holds nothing
+    (holder,) = store.holders("job")
+    assert holder.token == "task-1/run-a" and holder.fence == queued.fence
+    assert store.backend.hand_over("job", "task-1", "task-1/run-b", 30.0) is False
+    assert not store.lease("job", token="someone").acquire()
+    # and it can be handed back (a retry) and released by its owner
+    assert store.backend.hand_over("job", "task-1/run-a", "task-1", 30.0) is True
+    assert store.backend.release("job", "task-1") is True
+    assert store.holders("job") == []

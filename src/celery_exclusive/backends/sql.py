@@ -288,6 +288,18 @@ WHERE key = %(key)s AND token = %(token)s AND expires_at > clock_timestamp()
 RETURNING 1
 """
 
+PG_HAND_OVER = """
+-- Hand-over: move one live hold to another owner token, keeping its fence and grant time.
+-- Parameters: key, token, new_token, ttl (seconds). Returns one row if the token held a live
+-- lease (now held by new_token), else none.
+UPDATE {lease}
+SET token = %(new_token)s,
+    expires_at = clock_timestamp() + %(ttl)s::float8 * interval '1 second',
+    renewed_at = clock_timestamp()
+WHERE key = %(key)s AND token = %(token)s AND expires_at > clock_timestamp()
+RETURNING 1
+"""
+
 PG_FORCE_RELEASE = """
 -- Force-release: delete one token's row of a key, or every row of the key when token is NULL;
 -- notify waiters if anything was deleted.
@@ -419,6 +431,14 @@ SQLITE_UPDATE_META = """
 -- Replace the meta of one live hold. Parameters: meta, key, token, now (us).
 -- Returns nothing; the row count says whether the token held a live lease.
 UPDATE {lease} SET meta = ? WHERE key = ? AND token = ? AND expires_at > ?
+"""
+
+SQLITE_HAND_OVER = """
+-- Hand-over: move one live hold to another owner token, keeping its fence and grant time.
+-- Parameters: new_token, expires_at (us), renewed_at (us), key, token, now (us).
+-- Returns nothing; the row count says whether the token held a live lease.
+UPDATE {lease} SET token = ?, expires_at = ?, renewed_at = ?
+WHERE key = ? AND token = ? AND expires_at > ?
 """
 
 SQLITE_FORCE_RELEASE_ONE = """
@@ -865,6 +885,7 @@ class PostgresBackend(_SQLBackend):
                 "force_release": PG_FORCE_RELEASE,
                 "take": PG_TAKE,
                 "update_meta": PG_UPDATE_META,
+                "hand_over": PG_HAND_OVER,
                 "cleanup_leases": PG_CLEANUP_LEASES,
                 "cleanup_fences": PG_CLEANUP_FENCES,
             }.items()
@@ -1089,6 +1110,13 @@ class PostgresBackend(_SQLBackend):
         )
         return row is not None
 
+    def hand_over(self, key: str, token: str, new_token: str, ttl: float) -> bool:
+        params = {"key": self._k(key), "token": token, "new_token": new_token, "ttl": ttl}
+        row = self._run(
+            "hand_over", lambda conn: conn.execute(self._sql["hand_over"], params).fetchone()
+        )
+        return row is not None
+
     def take(self, key: str, token: str) -> str | None:
         params = {"key": self._k(key), "token": token, "channel": NOTIFY_CHANNEL}
         row = self._run("take", lambda conn: conn.execute(self._sql["take"], params).fetchone())
@@ -1203,6 +1231,7 @@ class SQLiteBackend(_SQLBackend):
                 "force_one": SQLITE_FORCE_RELEASE_ONE,
                 "meta_of": SQLITE_META_OF,
                 "update_meta": SQLITE_UPDATE_META,
+                "hand_over": SQLITE_HAND_OVER,
                 "force_all": SQLITE_FORCE_RELEASE_ALL,
                 "scan": SQLITE_SCAN,
                 "cleanup_leases": SQLITE_CLEANUP_LEASES,
@@ -1429,6 +1458,15 @@ class SQLiteBackend(_SQLBackend):
             "update_meta",
             lambda conn, now: conn.execute(self._sql["update_meta"], (*args, now)).rowcount > 0,
         )
+
+    def hand_over(self, key: str, token: str, new_token: str, ttl: float) -> bool:
+        k = self._k(key)
+
+        def op(conn: sqlite3.Connection, now: int) -> bool:
+            args = (new_token, now + _us(ttl), now, k, token, now)
+            return conn.execute(self._sql["hand_over"], args).rowcount > 0
+
+        return self._tx("hand_over", op)
 
     def take(self, key: str, token: str) -> str | None:
         k = self._k(key)
