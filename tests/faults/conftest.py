@@ -162,3 +162,30 @@ def private_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.cleanup()
+
+
+# -- every store the fault tests run on -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """The session's private PostgreSQL (tests/pg.py), or the one the environment names."""
+    from ..pg import shared_postgres_url
+
+    try:
+        return shared_postgres_url()
+    except RuntimeError as exc:
+        unavailable(f"no PostgreSQL ({exc}): install PostgreSQL or pgserver")
+        raise
+
+
+@pytest.fixture
+def sqlite_file_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'leases.db'}"
+
+
+@pytest.fixture(params=["redis", "postgres", "sqlite"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """The same fault test on every server-backed store."""
+    name = {"redis": "redis_url", "postgres": "pg_url", "sqlite": "sqlite_file_url"}
+    return str(request.getfixturevalue(name[request.param]))

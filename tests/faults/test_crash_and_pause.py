@@ -22,12 +22,12 @@ MARGIN = 2.0
 
 
 def test_sigkilled_holder_frees_the_key_within_its_ttl(
-    spawn_holder: SpawnHolder, redis_url: str, prefix: str
+    spawn_holder: SpawnHolder, store_url: str, prefix: str
 ) -> None:
-    store = connect(redis_url, prefix=prefix)
+    store = connect(store_url, prefix=prefix)
     try:
         # Given a holder process that took K and keeps renewing it
-        child = spawn_holder(redis_url, prefix, "hold", "--key", "K", "--ttl", str(TTL))
+        child = spawn_holder(store_url, prefix, "hold", "--key", "K", "--ttl", str(TTL))
         fence_text, token = child.expect("ACQUIRED", START_TIMEOUT).split()
         dead_fence = int(fence_text)
         other = store.lease("K", ttl=5)
@@ -58,12 +58,12 @@ def test_sigkilled_holder_frees_the_key_within_its_ttl(
 
 
 def test_paused_holder_loses_the_lease_and_cannot_free_the_new_one(
-    spawn_holder: SpawnHolder, redis_url: str, prefix: str
+    spawn_holder: SpawnHolder, store_url: str, prefix: str
 ) -> None:
-    store = connect(redis_url, prefix=prefix)
+    store = connect(store_url, prefix=prefix)
     try:
         # Given a holder process that took K
-        child = spawn_holder(redis_url, prefix, "hold", "--key", "K", "--ttl", str(TTL))
+        child = spawn_holder(store_url, prefix, "hold", "--key", "K", "--ttl", str(TTL))
         old_fence = int(child.expect("ACQUIRED", START_TIMEOUT).split()[0])
 
         # When it is frozen (SIGSTOP) past its ttl, we get K, with a higher fence

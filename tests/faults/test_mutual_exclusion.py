@@ -39,7 +39,7 @@ needs_slow = [
 )
 def test_history_of_racing_processes_is_exclusive(
     spawn_holder: SpawnHolder,
-    redis_url: str,
+    store_url: str,
     prefix: str,
     tmp_path: Path,
     limit: int,
@@ -59,7 +59,7 @@ def test_history_of_racing_processes_is_exclusive(
     ]  # fmt: skip
     children = [
         spawn_holder(
-            redis_url, prefix, "loop", *options, "--seed", str(1000 * limit + i), "--out", str(out)
+            store_url, prefix, "loop", *options, "--seed", str(1000 * limit + i), "--out", str(out)
         )
         for i, out in enumerate(outs)
     ]

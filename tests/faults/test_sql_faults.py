@@ -1,7 +1,7 @@
-"""Faults on the SQL stores: a holder killed -9, PostgreSQL restarted or down under a held lease,
-and racing processes whose recorded history must show exclusion and fence order.
+"""Faults particular to PostgreSQL: the server restarted or down under a held lease.
 
-Holders are ``holder.py`` subprocesses (it takes any store URL). The restart tests use a
+(A holder killed -9 or paused, and racing processes, are tested on every store in
+test_crash_and_pause.py and test_mutual_exclusion.py.) The restart tests use a
 PostgreSQL server of their own (``private_postgres``), never the session's nor one named by
 ``CELERY_EXCLUSIVE_TEST_POSTGRES_DSN``, and a private renewer.
 
@@ -16,13 +16,10 @@ with a higher fence, and the old holder's late release frees nothing.
 
 from __future__ import annotations
 
-import json
 import logging
-import signal
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -31,10 +28,8 @@ from celery_exclusive import BackendError, Lease, LeaseLost, Store, connect
 from celery_exclusive.renewal import Renewer
 
 from ..conftest import unavailable
-from ..history import check_history
-from ..pg import PostgresServer, postgres_bin_dir, shared_postgres_url
+from ..pg import PostgresServer, postgres_bin_dir
 from ..servers import wait_until
-from .conftest import START_TIMEOUT, SpawnHolder
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,26 +38,6 @@ MARGIN = 2.5
 
 
 # -- fixtures ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> str:
-    try:
-        return shared_postgres_url()
-    except RuntimeError as exc:
-        unavailable(f"no PostgreSQL ({exc}): install PostgreSQL or pgserver")
-        raise
-
-
-@pytest.fixture
-def sqlite_file_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'leases.db'}"
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def sql_url(request: pytest.FixtureRequest) -> str:
-    name = "pg_url" if request.param == "postgres" else "sqlite_file_url"
-    return str(request.getfixturevalue(name))
 
 
 @pytest.fixture
@@ -137,42 +112,6 @@ def stays_held(lease: Lease, store: Store, seconds: float) -> None:
 
 
 # -- a holder killed -9 -----------------------------------------------------------------------
-
-
-def test_sigkilled_holder_frees_the_key_within_its_ttl(
-    spawn_holder: SpawnHolder, sql_url: str, prefix: str
-) -> None:
-    ttl = 1.0
-    store = connect(sql_url, prefix=prefix)
-    try:
-        # Given a holder process that took K and keeps renewing it past its ttl
-        child = spawn_holder(sql_url, prefix, "hold", "--key", "K", "--ttl", str(ttl))
-        fence_text, token = child.expect("ACQUIRED", START_TIMEOUT).split()
-        dead_fence = int(fence_text)
-        other = store.lease("K", ttl=5)
-        until = time.monotonic() + 2 * ttl
-        for _ in range(1000):
-            if time.monotonic() >= until:
-                break
-            assert not other.acquire(), "the key was free while its holder lived"
-            time.sleep(0.05)
-        assert [h.token for h in store.holders("K")] == [token]
-
-        # When the holder is SIGKILLed: no finally, no release, its connections cut
-        killed_at = time.monotonic()
-        child.signal(signal.SIGKILL)
-        child.wait(10)
-
-        # Then the key is free again within its ttl (+ margin), for a higher fence
-        waiter = store.lease("K", ttl=5)
-        assert waiter.acquire(blocking=True, timeout=10), "the dead holder's key never freed"
-        freed_after = time.monotonic() - killed_at
-        assert freed_after <= ttl + MARGIN, f"key freed {freed_after:.2f} s after the kill"
-        assert waiter.fence is not None and waiter.fence > dead_fence
-        assert [h.token for h in store.holders("K")] == [waiter.token]
-        assert waiter.release()
-    finally:
-        store.close()
 
 
 # -- PostgreSQL restarted or down under a held lease ------------------------------------------
@@ -289,49 +228,3 @@ def test_down_past_the_ttl_reports_the_lease_lost_and_works_after(
     assert got and got[0] - released_at < 2.0, "the waiter was not woken by the release"
     assert renewal_failures(caplog) == []
     assert thread_errors == []
-
-
-# -- racing processes -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("limit", [1, 2])
-def test_history_of_racing_processes_is_exclusive(
-    spawn_holder: SpawnHolder, sql_url: str, prefix: str, tmp_path: Path, limit: int
-) -> None:
-    # Given four processes that all start racing at once for three keys
-    workers, count, keys = 4, 100, "k0,k1,k2"
-    outs = [tmp_path / f"worker-{i}.jsonl" for i in range(workers)]
-    options = [
-        "--keys", keys,
-        "--limit", str(limit),
-        "--count", str(count),
-        "--ttl", "10",  # far beyond a 5 ms hold: a lease never expires while held
-        "--timeout", "15",
-        "--max-hold-ms", "5",
-    ]  # fmt: skip
-    children = [
-        spawn_holder(
-            sql_url, prefix, "loop", *options, "--seed", str(100 * limit + i), "--out", str(out)
-        )
-        for i, out in enumerate(outs)
-    ]
-    for child in children:
-        child.expect("READY", START_TIMEOUT)
-    for child in children:
-        child.send("GO")
-
-    # When every worker has done its acquisitions
-    deadline = time.monotonic() + 40
-    for child in children:
-        holds, timeouts = child.expect("DONE", max(deadline - time.monotonic(), 0.1)).split()
-        assert int(timeouts) == 0, f"a blocking acquire timed out: {child.describe()}"
-        assert int(holds) == count
-        assert child.wait(10) == 0, child.describe()
-
-    # Then every hold was released while still ours, no more than `limit` overlap on a key,
-    # and fences follow grant order
-    records = [json.loads(line) for out in outs for line in out.read_text().splitlines() if line]
-    assert len(records) == workers * count
-    assert [r for r in records if not r["released"]] == []
-    assert {r["key"] for r in records} == set(keys.split(","))
-    check_history(records, limit=limit)
