@@ -50,6 +50,8 @@ for _p in (str(ROOT / "src"), str(ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from benchreport import log, percentile  # noqa: E402
+
 import celery_exclusive  # noqa: E402
 from celery_exclusive import connect  # noqa: E402
 
@@ -100,17 +102,6 @@ def _recipe_pair(cache: Any, key: str, name: str) -> Callable[[], None]:
 
 
 # -- statistics and output ------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return float(ordered[rank - 1])
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _block(pair: Callable[[], None], n: int) -> list[int]:

@@ -44,7 +44,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ for _p in (str(ROOT / "src"), str(ROOT)):
 
 import redis  # noqa: E402
 import redis_lock  # noqa: E402
+from benchreport import Report, Section, log, percentile  # noqa: E402
 
 import celery_exclusive  # noqa: E402
 from celery_exclusive import Store, connect  # noqa: E402
@@ -254,13 +255,6 @@ RT_CONTENDERS = [FLOOR, REDIS_PY, PRL, PRL_RENEW, CE, CE_NO_RENEW]
 # -- statistics ---------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of ``values``."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return float(ordered[rank - 1])
-
-
 def us(ns: float) -> str:
     return f"{ns / 1000:.1f}"
 
@@ -270,75 +264,6 @@ def ms(ns: float) -> str:
 
 
 # -- report -------------------------------------------------------------------------------
-
-
-@dataclass
-class Section:
-    title: str
-    columns: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Report:
-    env: dict[str, str]
-    sections: list[Section] = field(default_factory=list)
-    verdicts: list[tuple[str, str, str]] = field(default_factory=list)  # target, measured, ok
-
-    def markdown(self) -> str:
-        out = [f"# Redis benchmarks, {self.env['date']}", ""]
-        out += ["| | |", "|---|---|"]
-        out += [f"| {k} | {v} |" for k, v in self.env.items()]
-        out.append("")
-        out += ["## Targets", "", "| target | measured | result |", "|---|---|---|"]
-        out += [f"| {t} | {m} | {ok} |" for t, m, ok in self.verdicts]
-        out.append("")
-        for s in self.sections:
-            out += [f"## {s.title}", ""]
-            out.append("| " + " | ".join(s.columns) + " |")
-            out.append(
-                "|" + "|".join("---" if i == 0 else "---:" for i in range(len(s.columns))) + "|"
-            )
-            out += ["| " + " | ".join(r) + " |" for r in s.rows]
-            if s.notes:
-                out.append("")
-                out += [f"- {n}" for n in s.notes]
-            out.append("")
-        return "\n".join(out)
-
-    def print(self) -> None:
-        try:
-            from rich.console import Console
-            from rich.table import Table
-        except ImportError:
-            print(self.markdown())
-            return
-        console = Console() if Console().is_terminal else Console(width=150)
-        env = Table(title="Machine and versions", show_header=False)
-        for k, v in self.env.items():
-            env.add_row(k, v)
-        console.print(env)
-        for s in self.sections:
-            table = Table(title=s.title, title_justify="left")
-            for i, c in enumerate(s.columns):
-                table.add_column(c, justify="left" if i == 0 else "right", no_wrap=i == 0)
-            for r in s.rows:
-                table.add_row(*r)
-            console.print(table)
-            for n in s.notes:
-                console.print(f"  [dim]- {n}[/dim]")
-        targets = Table(title="Targets", title_justify="left")
-        for c in ("target", "measured", "result"):
-            targets.add_column(c)
-        for t, m, ok in self.verdicts:
-            style = "green" if ok == "MET" else "red"
-            targets.add_row(t, m, f"[{style}]{ok}[/{style}]")
-        console.print(targets)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # -- environment --------------------------------------------------------------------------
@@ -981,7 +906,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with redis_server(args.redis_url) as (url, server_desc, private):
         admin = plain_client(url)
-        report = Report(environment(admin, server_desc, settings, args.quick))
+        report = Report(environment(admin, server_desc, settings, args.quick), "Redis benchmarks")
         try:
             log("round trips ...")
             rt_section, rts = bench_round_trips(url, prefix, settings, private)
