@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from celery_exclusive import AlreadyHeld, LeaseLost, Store, Timeout, events
+from celery_exclusive import AlreadyHeld, ConfigurationError, LeaseLost, Store, Timeout, events
 from celery_exclusive.backends.base import Backend
 from celery_exclusive.renewal import Renewer
 
@@ -267,7 +267,12 @@ def test_a_stale_renewal_reply_does_not_mark_a_newer_grant_lost(store: Store) ->
 
 def test_update_meta_and_take_hand_a_lease_over(store: Store) -> None:
     if type(store.backend).update_meta is Backend.update_meta:
-        pytest.skip(f"{store.backend.describe()} does not offer hand-overs (keep_last)")
+        # A store that cannot do it atomically says so, rather than faking it.
+        with pytest.raises(ConfigurationError, match="cannot update a holder"):
+            store.backend.update_meta("pending", "t", "{}")
+        with pytest.raises(ConfigurationError, match="cannot hand a lease over"):
+            store.backend.take("pending", "t")
+        return
     lease = store.lease("pending", meta={"call": 1})
     lease.acquire()
     assert store.backend.update_meta("pending", lease.token, '{"call":2}') is True
@@ -295,7 +300,10 @@ def test_max_hold_stops_renewal_so_a_stuck_holder_lets_go(store: Store) -> None:
 
 def test_hand_over_moves_a_live_grant_keeping_its_fence(store: Store) -> None:
     if type(store.backend).hand_over is Backend.hand_over:
-        pytest.skip(f"{store.backend.describe()} does not offer hand-overs")
+        # A store that cannot do it atomically says so, rather than faking it.
+        with pytest.raises(ConfigurationError, match="cannot hand a lease over"):
+            store.backend.hand_over("job", "task-1", "task-1/run-a", 30.0)
+        return
     # Given a grant owned by a task id (an enqueue lease)
     queued = store.lease("job", token="task-1")
     queued.acquire()
