@@ -71,6 +71,33 @@ class Holder:
             **{k: v for k, v in self.meta.items() if k not in {"token", "fence"}},
         }
 
+    @classmethod
+    def stored(
+        cls,
+        token: str | bytes,
+        fence: int | str,
+        expires: float | str,
+        acquired: float | str,
+        renewed: float | str,
+        meta: str | None,
+        *,
+        now: float | str = 0,
+        per_second: float = 1.0,
+    ) -> Holder:
+        """Build a holder from a store's record: times in units of ``1 / per_second`` s.
+
+        ``expires`` and ``now`` are read on the store's clock; ``expires_in`` is their
+        difference, never negative.
+        """
+        return cls(
+            token=token.decode() if isinstance(token, bytes) else str(token),
+            fence=int(fence),
+            expires_in=max((float(expires) - float(now)) / per_second, 0.0),
+            acquired_at=float(acquired) / per_second,
+            renewed_at=float(renewed) / per_second,
+            meta=parse_meta(meta),
+        )
+
 
 @dataclass(frozen=True)
 class Grant:

@@ -65,7 +65,6 @@ from .base import (
     Holder,
     LeaseInfo,
     RenewRequest,
-    parse_meta,
 )
 
 __all__ = [
@@ -384,19 +383,10 @@ class _Record:
         self.holders = self.live(now)
 
     def holder_list(self, now: int) -> list[Holder]:
-        out = []
-        for token, (expires, fence, acquired, renewed, meta) in self.live(now).items():
-            out.append(
-                Holder(
-                    token=token,
-                    fence=int(fence),
-                    expires_in=(int(expires) - now) / 1e6,
-                    acquired_at=int(acquired) / 1e6,
-                    renewed_at=int(renewed) / 1e6,
-                    meta=parse_meta(meta),
-                )
-            )
-        return out
+        return [
+            Holder.stored(token, fence, expires, acquired, renewed, meta, now=now, per_second=1e6)
+            for token, (expires, fence, acquired, renewed, meta) in self.live(now).items()
+        ]
 
 
 class _Cells(Protocol):

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from .base import Backend, Conflict, Grant, Holder, LeaseInfo, RenewRequest, parse_meta
+from .base import Backend, Conflict, Grant, Holder, LeaseInfo, RenewRequest
 
 __all__ = ["MemoryBackend"]
 
@@ -169,12 +169,6 @@ class MemoryBackend(Backend):
 
     @staticmethod
     def _holder(token: str, entry: _Entry, now: float) -> Holder:
-        meta = parse_meta(entry.meta)
-        return Holder(
-            token=token,
-            fence=entry.fence,
-            expires_in=entry.expires - now,
-            acquired_at=entry.acquired,
-            renewed_at=entry.renewed,
-            meta=meta,
+        return Holder.stored(
+            token, entry.fence, entry.expires, entry.acquired, entry.renewed, entry.meta, now=now
         )

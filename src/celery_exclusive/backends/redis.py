@@ -31,7 +31,6 @@ from .base import (
     Holder,
     LeaseInfo,
     RenewRequest,
-    parse_meta,
 )
 
 __all__ = ["RedisBackend"]
@@ -310,21 +309,14 @@ def _parse_holders(flat: Sequence[Any], now_ms: int) -> list[Holder]:
     """Parse ``token, value, ...`` pairs read at server time ``now_ms``; drop expired ones."""
     holders = []
     for i in range(0, len(flat) - 1, 2):
-        token = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])
         value = flat[i + 1].decode() if isinstance(flat[i + 1], bytes) else str(flat[i + 1])
         exp, fence, acquired, renewed, meta = value.split("|", 4)
-        if int(exp) <= now_ms:
-            continue
-        holders.append(
-            Holder(
-                token=token,
-                fence=int(fence),
-                expires_in=(int(exp) - now_ms) / 1000.0,
-                acquired_at=int(acquired) / 1000.0,
-                renewed_at=int(renewed) / 1000.0,
-                meta=parse_meta(meta),
+        if int(exp) > now_ms:
+            holders.append(
+                Holder.stored(
+                    flat[i], fence, exp, acquired, renewed, meta, now=now_ms, per_second=1000
+                )
             )
-        )
     return holders
 
 

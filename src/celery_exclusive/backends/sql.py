@@ -33,7 +33,7 @@ import select
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
@@ -46,7 +46,6 @@ from .base import (
     Holder,
     LeaseInfo,
     RenewRequest,
-    parse_meta,
 )
 
 if TYPE_CHECKING:
@@ -520,6 +519,21 @@ def _bool_option(name: str, value: object) -> bool:
     raise ConfigurationError(f"{name} must be true or false, not {value!r}")
 
 
+def _shared_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The options both SQL stores take (from a URL's query or keywords), checked."""
+    return {
+        "table": str(settings.get("table", DEFAULT_TABLE)),
+        "prefix": str(settings.get("prefix", "")),
+        "fence_retention": _float_option(
+            "fence_retention", settings.get("fence_retention", DEFAULT_FENCE_RETENTION)
+        ),
+        "cleanup_interval": _float_option(
+            "cleanup_interval", settings.get("cleanup_interval", DEFAULT_CLEANUP_INTERVAL)
+        ),
+        "create_tables": _bool_option("create_tables", settings.get("create_tables", True)),
+    }
+
+
 def _float_option(name: str, value: object) -> float:
     try:
         number = float(value)  # type: ignore[arg-type]
@@ -923,15 +937,7 @@ class PostgresBackend(_SQLBackend):
         listen_url = settings.pop("listen_url", None)
         return cls(
             plain,
-            table=str(settings.get("table", DEFAULT_TABLE)),
-            prefix=str(settings.get("prefix", "")),
-            fence_retention=_float_option(
-                "fence_retention", settings.get("fence_retention", DEFAULT_FENCE_RETENTION)
-            ),
-            cleanup_interval=_float_option(
-                "cleanup_interval", settings.get("cleanup_interval", DEFAULT_CLEANUP_INTERVAL)
-            ),
-            create_tables=_bool_option("create_tables", settings.get("create_tables", True)),
+            **_shared_options(settings),
             listen_conninfo=str(listen_url) if listen_url else None,
             description=_redact(url),
         )
@@ -1146,14 +1152,7 @@ class PostgresBackend(_SQLBackend):
 
     def _holder_row(self, row: Sequence[Any]) -> Holder:
         token, fence, expires_in, acquired, renewed, meta = row
-        return Holder(
-            token=str(token),
-            fence=int(fence),
-            expires_in=max(float(expires_in), 0.0),
-            acquired_at=float(acquired),
-            renewed_at=float(renewed),
-            meta=parse_meta(meta),
-        )
+        return Holder.stored(token, fence, expires_in, acquired, renewed, meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1272,15 +1271,7 @@ class SQLiteBackend(_SQLBackend):
             )
         return cls(
             path,
-            table=str(settings.get("table", DEFAULT_TABLE)),
-            prefix=str(settings.get("prefix", "")),
-            fence_retention=_float_option(
-                "fence_retention", settings.get("fence_retention", DEFAULT_FENCE_RETENTION)
-            ),
-            cleanup_interval=_float_option(
-                "cleanup_interval", settings.get("cleanup_interval", DEFAULT_CLEANUP_INTERVAL)
-            ),
-            create_tables=_bool_option("create_tables", settings.get("create_tables", True)),
+            **_shared_options(settings),
             busy_timeout=_float_option("busy_timeout", settings.get("busy_timeout", 10.0)),
             description=f"{scheme}:///{path}",
         )
@@ -1498,11 +1489,6 @@ class SQLiteBackend(_SQLBackend):
 
     def _holder_row(self, row: Sequence[Any]) -> Holder:
         token, fence, expires, acquired, renewed, meta, now = row
-        return Holder(
-            token=str(token),
-            fence=int(fence),
-            expires_in=max((int(expires) - int(now)) / 1e6, 0.0),
-            acquired_at=int(acquired) / 1e6,
-            renewed_at=int(renewed) / 1e6,
-            meta=parse_meta(meta),
+        return Holder.stored(
+            token, fence, expires, acquired, renewed, meta, now=now, per_second=1e6
         )
