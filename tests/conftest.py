@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from celery_exclusive import Store, connect
+from celery_exclusive.renewal import get_renewer
 
 from .servers import RedisServer, redis_server_binary
 
@@ -27,6 +28,21 @@ def unavailable(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{reason} (CI is set, so this is a failure)")
     pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _stop_renewing_leftover_leases() -> Iterator[None]:
+    """Stop renewing what a test acquired and left held, once the test is over.
+
+    Many tests end with a lease still held (that is what they check). Left registered, it
+    would be renewed for the rest of the session, against a server the test may have
+    stopped, by the one renewal thread every later test shares.
+    """
+    before = {id(lease) for lease in get_renewer().leases()}
+    yield
+    for lease in get_renewer().leases():
+        if id(lease) not in before:
+            lease.detach()
 
 
 @pytest.fixture(scope="session")

@@ -78,6 +78,11 @@ class Renewer:
         with self._cond:
             self._leases.pop(id(lease), None)
 
+    def leases(self) -> list[Lease]:
+        """Return the leases being renewed now (a snapshot)."""
+        with self._cond:
+            return list(self._leases.values())
+
     def __len__(self) -> int:
         return len(self._leases)
 
