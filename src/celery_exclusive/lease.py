@@ -135,6 +135,11 @@ class Lease:
         )
 
     @property
+    def meta_json(self) -> str:
+        """The holder metadata as the store keeps it (compact JSON text)."""
+        return self._meta_json
+
+    @property
     def lost_reason(self) -> str | None:
         """Why the lease was lost, or None."""
         return self._lost_reason

@@ -318,3 +318,20 @@ def test_hand_over_moves_a_live_grant_keeping_its_fence(store: Store) -> None:
     assert store.backend.hand_over("job", "task-1/run-a", "task-1", 30.0) is True
     assert store.backend.release("job", "task-1") is True
     assert store.holders("job") == []
+
+
+def test_hand_over_can_give_the_new_owner_its_own_metadata(store: Store) -> None:
+    if type(store.backend).hand_over is Backend.hand_over:
+        return  # refused with a clear error: see the test above
+    # Given a queued message's grant, described by the producer
+    queued = store.lease("job", token="task-1", meta={"state": "queued", "host": "web-1"})
+    queued.acquire()
+    # When the worker that runs it takes it over with its own description
+    run = '{"state":"running","node":"worker@a"}'
+    assert store.backend.hand_over("job", "task-1", "task-1/run", 30.0, meta=run) is True
+    # Then listings show the worker; a hand-over without meta keeps what is there
+    (holder,) = store.holders("job")
+    assert holder.meta == {"state": "running", "node": "worker@a"}
+    assert holder.fence == queued.fence
+    assert store.backend.hand_over("job", "task-1/run", "task-1", 30.0) is True
+    assert store.holders("job")[0].meta == {"state": "running", "node": "worker@a"}

@@ -12,6 +12,8 @@ import shutil
 import socket
 import subprocess
 
+from celery_exclusive.embedded import stop_process
+
 from ..servers import GaveUp, free_port, wait_until
 
 
@@ -52,10 +54,5 @@ class MemcachedServer:
             return sock.recv(100).startswith(b"VERSION")
 
     def cleanup(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            stop_process(self.proc)

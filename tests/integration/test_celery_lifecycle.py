@@ -186,6 +186,24 @@ def test_until_done_holds_across_retries_and_frees_at_the_end(
     wait_free(key, 10)
 
 
+def test_until_done_listing_names_the_worker_that_runs_it(
+    worker: Worker, celery_env: CeleryEnv
+) -> None:
+    # Given an until_done task, queued by this process (its grant described by the producer)
+    tag = celery_env.tag()
+    key = ca.slow_until_done.exclusive_key((7,), {"tag": tag})
+    result = ca.slow_until_done.delay(7, tag=tag, duration=1.5)
+    # When the worker runs it
+    wait_started(tag, result.id)
+    # Then the key's one holder is described as running, on the worker's node
+    [holder] = store_for(ca.app).holders(key)
+    assert holder.meta["task_id"] == result.id
+    assert holder.meta["state"] == "running"
+    assert holder.meta["node"].startswith(worker.name.split("@")[0] + "@")
+    assert result.get(timeout=15) == 7
+    wait_free(key, 10)
+
+
 # -- no lease outlives a run, however it ends -------------------------------------------------
 
 ENDINGS = {

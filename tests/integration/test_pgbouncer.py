@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from celery_exclusive import connect
+from celery_exclusive.embedded import stop_process
 
 from ..conftest import unavailable
 from ..history import check_history
@@ -103,12 +104,7 @@ def postgres_and_pgbouncer() -> Iterator[tuple[str, str]]:
         wait_until(answers, 20, f"pgbouncer on port {port}", step=0.05)
         yield direct, pooled
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -209,10 +209,14 @@ class Backend(abc.ABC):
         """
         raise ConfigurationError(f"the {self.describe()} store cannot hand a lease over")
 
-    def hand_over(self, key: str, token: str, new_token: str, ttl: float) -> bool:
+    def hand_over(
+        self, key: str, token: str, new_token: str, ttl: float, *, meta: str | None = None
+    ) -> bool:
         """Move ``token``'s live grant to ``new_token`` (same fence), atomically.
 
-        Returns False if ``token`` held no live lease. Optional (used by ``until_done``, which
+        ``meta`` (compact JSON text), when given, replaces the holder's metadata in the same
+        step: the new owner's facts (a queued message's grant handed to the worker running
+        it). Returns False if ``token`` held no live lease. Optional (used by ``until_done``, which
         falls back to one owner per task id without it).
         """
         raise ConfigurationError(f"the {self.describe()} store cannot hand a lease over")

@@ -148,7 +148,9 @@ class MemoryBackend(Backend):
             self._signal(key, 1)
             return entry.meta
 
-    def hand_over(self, key: str, token: str, new_token: str, ttl: float) -> bool:
+    def hand_over(
+        self, key: str, token: str, new_token: str, ttl: float, *, meta: str | None = None
+    ) -> bool:
         with self._cond:
             now = self._clock()
             entries = self._live(key, now)
@@ -156,6 +158,8 @@ class MemoryBackend(Backend):
             if entry is None:
                 return False
             entry.expires, entry.renewed = now + ttl, now
+            if meta is not None:
+                entry.meta = meta
             entries[new_token] = entry
             return True
 

@@ -279,8 +279,11 @@ class RedisBackend(Backend):
             return None
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
-    def hand_over(self, key: str, token: str, new_token: str, ttl: float) -> bool:
-        reply = self._call("hand_over", [self._k(key, "lease")], [token, new_token, _ms(ttl)])
+    def hand_over(
+        self, key: str, token: str, new_token: str, ttl: float, *, meta: str | None = None
+    ) -> bool:
+        args = [token, new_token, _ms(ttl)] + ([] if meta is None else [meta])
+        reply = self._call("hand_over", [self._k(key, "lease")], args)
         return bool(int(reply))
 
     def close(self) -> None:

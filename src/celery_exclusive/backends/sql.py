@@ -289,10 +289,11 @@ RETURNING 1
 
 PG_HAND_OVER = """
 -- Hand-over: move one live hold to another owner token, keeping its fence and grant time.
--- Parameters: key, token, new_token, ttl (seconds). Returns one row if the token held a live
--- lease (now held by new_token), else none.
+-- Parameters: key, token, new_token, ttl (seconds), meta (NULL: keep it). Returns one row if
+-- the token held a live lease (now held by new_token), else none.
 UPDATE {lease}
 SET token = %(new_token)s,
+    meta = COALESCE(%(meta)s::text, meta),
     expires_at = clock_timestamp() + %(ttl)s::float8 * interval '1 second',
     renewed_at = clock_timestamp()
 WHERE key = %(key)s AND token = %(token)s AND expires_at > clock_timestamp()
@@ -434,9 +435,9 @@ UPDATE {lease} SET meta = ? WHERE key = ? AND token = ? AND expires_at > ?
 
 SQLITE_HAND_OVER = """
 -- Hand-over: move one live hold to another owner token, keeping its fence and grant time.
--- Parameters: new_token, expires_at (us), renewed_at (us), key, token, now (us).
--- Returns nothing; the row count says whether the token held a live lease.
-UPDATE {lease} SET token = ?, expires_at = ?, renewed_at = ?
+-- Parameters: new_token, meta (NULL: keep it), expires_at (us), renewed_at (us), key, token,
+-- now (us). Returns nothing; the row count says whether the token held a live lease.
+UPDATE {lease} SET token = ?, meta = COALESCE(?, meta), expires_at = ?, renewed_at = ?
 WHERE key = ? AND token = ? AND expires_at > ?
 """
 
@@ -1116,8 +1117,16 @@ class PostgresBackend(_SQLBackend):
         )
         return row is not None
 
-    def hand_over(self, key: str, token: str, new_token: str, ttl: float) -> bool:
-        params = {"key": self._k(key), "token": token, "new_token": new_token, "ttl": ttl}
+    def hand_over(
+        self, key: str, token: str, new_token: str, ttl: float, *, meta: str | None = None
+    ) -> bool:
+        params = {
+            "key": self._k(key),
+            "token": token,
+            "new_token": new_token,
+            "ttl": ttl,
+            "meta": meta,
+        }
         row = self._run(
             "hand_over", lambda conn: conn.execute(self._sql["hand_over"], params).fetchone()
         )
@@ -1450,11 +1459,13 @@ class SQLiteBackend(_SQLBackend):
             lambda conn, now: conn.execute(self._sql["update_meta"], (*args, now)).rowcount > 0,
         )
 
-    def hand_over(self, key: str, token: str, new_token: str, ttl: float) -> bool:
+    def hand_over(
+        self, key: str, token: str, new_token: str, ttl: float, *, meta: str | None = None
+    ) -> bool:
         k = self._k(key)
 
         def op(conn: sqlite3.Connection, now: int) -> bool:
-            args = (new_token, now + _us(ttl), now, k, token, now)
+            args = (new_token, meta, now + _us(ttl), now, k, token, now)
             return conn.execute(self._sql["hand_over"], args).rowcount > 0
 
         return self._tx("hand_over", op)

@@ -346,8 +346,6 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         # rather than let in. until_done: the enqueue lease (owned by the task id) is handed
         # over to this delivery, same grant and fence, and renewed while the task runs.
         token = f"{task_id}/{secrets.token_hex(6)}"
-        if opts.hold == "until_done" and not _hand_over(store, key, task_id, token, opts.ttl):
-            token = task_id  # a store without hand-over: one owner per task id, as before
         lease = store.lease(
             key,
             token=token,
@@ -362,6 +360,8 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             max_hold=opts.max_hold or _time_limit(self, request),
             on_lost=lambda _lease, reason: self._lost(task_id, key, reason, abort),
         )
+        if opts.hold == "until_done" and not _hand_over(store, lease, task_id):
+            lease.token = task_id  # a store without hand-over: one owner per task id, as before
         self._acquire_for_run(lease, key, opts, task_id)
         if (getattr(request, "delivery_info", None) or {}).get("redelivered"):
             self._skip_if_done(lease, key, task_id)
@@ -527,26 +527,28 @@ def _skip_record(
     }
 
 
-def _hand_over(store: Store, key: str, task_id: str, token: str, ttl: float) -> bool:
-    """until_done: move the enqueue grant (owned by the task id) to the run's own token.
+def _hand_over(store: Store, lease: Lease, task_id: str) -> bool:
+    """until_done: move the enqueue grant (owned by the task id) to the run's ``lease``.
 
-    True also when there was nothing to move (a redelivered copy finds the key held by the
-    running copy's token and waits); False only for a store that cannot hand over.
+    The grant keeps its fence and takes the run's metadata (worker, state), so listings show
+    who runs it. True also when there was nothing to move (a redelivered copy finds the key
+    held by the running copy's token and waits); False only for a store that cannot hand over.
     """
     try:
-        store.backend.hand_over(key, task_id, token, ttl)
+        store.backend.hand_over(lease.key, task_id, lease.token, lease.ttl, meta=lease.meta_json)
     except ConfigurationError:
         return False
     except BackendError:
-        logger.warning("could not hand over the enqueue lease of %s", key, exc_info=True)
+        logger.warning("could not hand over the enqueue lease of %s", lease.key, exc_info=True)
     return True
 
 
 def _hand_back(lease: Lease, task_id: str) -> None:
     """until_done retry: give the run's grant back to the task id (the retry message)."""
     if lease.token != task_id:
+        queued = json.dumps({**lease.meta, "state": "queued"}, separators=(",", ":"), default=str)
         try:
-            lease.backend.hand_over(lease.key, lease.token, task_id, lease.ttl)
+            lease.backend.hand_over(lease.key, lease.token, task_id, lease.ttl, meta=queued)
         except (ConfigurationError, BackendError):
             logger.warning("could not keep %r for the retry", lease.key, exc_info=True)
     lease.detach()
