@@ -237,9 +237,8 @@ class RedisSentinel:
         return self
 
     def cleanup(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        if self.proc is not None:
+            embedded.stop_process(self.proc)
         self.master.cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)
 

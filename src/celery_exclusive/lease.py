@@ -22,7 +22,6 @@ and of the one the fence answers::
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import events
-from .backends.base import Conflict, Holder
+from .backends.base import Conflict, Holder, encode_meta
 from .exceptions import AlreadyHeld, BackendError, ConfigurationError, LeaseLost, Timeout
 
 if TYPE_CHECKING:
@@ -90,7 +89,7 @@ class Lease:
         self.limit = limit
         self.token = token or secrets.token_hex(16)
         self.meta: dict[str, Any] = {"host": _HOST, "pid": os.getpid(), **(meta or {})}
-        self._meta_json = json.dumps(self.meta, separators=(",", ":"), default=str)
+        self._meta_json = encode_meta(self.meta)
         self.max_hold = max_hold
         self.blocking = blocking
         self.timeout = timeout

@@ -26,6 +26,7 @@ __all__ = [
     "Holder",
     "LeaseInfo",
     "RenewRequest",
+    "encode_meta",
     "parse_meta",
 ]
 
@@ -33,6 +34,11 @@ __all__ = [
 #: clock in microseconds when a counter is created, so a counter that expired and is created
 #: again still starts above every fence it ever handed out (see ``docs/guarantees.md``).
 DEFAULT_FENCE_RETENTION = 7 * 24 * 3600.0
+
+
+def encode_meta(meta: Mapping[str, Any]) -> str:
+    """Turn a holder's metadata into the compact JSON text stores keep (see ``parse_meta``)."""
+    return json.dumps(meta, separators=(",", ":"), default=str)
 
 
 def parse_meta(text: str | None) -> dict[str, Any]:

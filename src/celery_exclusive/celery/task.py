@@ -39,6 +39,7 @@ from celery import Task
 from celery.exceptions import Retry
 from celery.utils import uuid
 
+from ..backends.base import encode_meta
 from ..exceptions import (
     AlreadyQueued,
     AlreadyRunning,
@@ -251,8 +252,7 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             for holder in lease.holders:
                 pending = {k: v for k, v in holder.items() if k not in _HOLDER_FIELDS}
                 pending["call"] = meta["call"]
-                text = json.dumps(pending, separators=(",", ":"))
-                if lease.backend.update_meta(lease.key, str(holder["token"]), text):
+                if lease.backend.update_meta(lease.key, str(holder["token"]), encode_meta(pending)):
                     existing = str(holder.get("task_id") or "")
                     signals.exclusive_duplicate.send(
                         sender=self, key=key, existing_task_id=existing, action="keep_last"
@@ -546,7 +546,7 @@ def _hand_over(store: Store, lease: Lease, task_id: str) -> bool:
 def _hand_back(lease: Lease, task_id: str) -> None:
     """until_done retry: give the run's grant back to the task id (the retry message)."""
     if lease.token != task_id:
-        queued = json.dumps({**lease.meta, "state": "queued"}, separators=(",", ":"), default=str)
+        queued = encode_meta({**lease.meta, "state": "queued"})
         try:
             lease.backend.hand_over(lease.key, lease.token, task_id, lease.ttl, meta=queued)
         except (ConfigurationError, BackendError):
