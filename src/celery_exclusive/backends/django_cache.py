@@ -50,6 +50,7 @@ import random
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -89,6 +90,11 @@ MAX_CELL_KEY = 240
 
 #: Records whose retention has passed are deleted from the cache table at most this often.
 CLEANUP_INTERVAL = 300.0
+
+# Memcached's index of record names, for listings: each name is in one of these items (an
+# item holds at most 1 MB, about 15,000 names; 16 items list about 250,000 keys).
+INDEX_SHARDS = 16
+INDEX_CELL = "celery-exclusive#index:{}"
 
 _EXTRA = "pip install 'celery-exclusive[django]'"
 
@@ -905,8 +911,17 @@ class _MemcachedCells:
     """Records as Memcached items, changed with ``gets``/``cas``; created with ``add``.
 
     pymemcache clients are not thread-safe: each thread (and each forked child) builds its
-    own from the cache's settings. Listing walks every server's items with
-    ``lru_crawler metadump all`` (memcached 1.4.31+), which blocks nothing.
+    own from the cache's settings.
+
+    Listing cannot rely on Memcached's own walk of its items (``lru_crawler metadump all``):
+    the crawler is no snapshot, and items that a write moves between LRU segments while it
+    runs are not dumped (measured: 26 of 60 listings of 50 held, renewed keys missed 18-31
+    of them). So each record's name is also appended (``append``, atomic on the server) to
+    one of :data:`INDEX_SHARDS` index items right after the ``add`` that created it; a
+    listing reads the index (one ``get_many``) and also the crawler's dump where the server
+    has one (records created before the index existed, or whose index entry was lost with a
+    crash between ``add`` and ``append`` or an eviction), and prunes from the index the
+    names whose record is gone, by ``cas``.
     """
 
     def __init__(self, new_cache: Any, description: str) -> None:
@@ -946,7 +961,26 @@ class _MemcachedCells:
 
     def create(self, cell: str, value: str, keep: float) -> bool:
         with self._client("add") as client:
-            return bool(client.add(cell, value, expire=self._expire(keep), noreply=False))
+            created = bool(client.add(cell, value, expire=self._expire(keep), noreply=False))
+            if created:
+                self._index(client, cell)
+        return created
+
+    @staticmethod
+    def _index(client: Any, cell: str) -> None:
+        """Add ``cell`` to its index item (created on first use; it never expires)."""
+        shard = _index_shard(cell)
+        line = cell + "\n"
+        try:
+            for _ in range(3):  # append fails while the item is missing; add, if it appeared
+                if client.append(shard, line, noreply=False) or client.add(
+                    shard, line, expire=0, noreply=False
+                ):
+                    return
+        except Exception:  # the record exists: its grant stands, only listings may miss it
+            logger.warning("could not index %r in %s", cell, shard, exc_info=True)
+            return
+        logger.warning("could not index %r in %s: listings may miss it", cell, shard)
 
     def replace(self, cell: str, value: str, version: Any, keep: float) -> bool:
         with self._client("cas") as client:
@@ -957,20 +991,54 @@ class _MemcachedCells:
         return [self.replace(cell, value, version, keep) for cell, value, version in writes]
 
     def scan(self, prefix: str) -> Iterator[tuple[str, str]]:
-        cells = [c for server in self._servers for c in _metadump(server) if c.startswith(prefix)]
+        shards = [INDEX_CELL.format(n) for n in range(INDEX_SHARDS)]
+        with self._client("gets") as client:
+            indexes = {k: (str(v), cas) for k, (v, cas) in (client.gets_many(shards) or {}).items()}
+        indexed = {c for text, _ in indexes.values() for c in text.split("\n") if c}
+        crawled: set[str] = set()
+        for server in self._servers:
+            try:
+                crawled.update(_metadump(server))
+            except BackendError:
+                logger.debug("no crawler dump from %s: the index alone", server, exc_info=True)
+        cells = sorted(c for c in indexed | crawled if c.startswith(prefix))
+        gone: set[str] = set()
         for n in range(0, len(cells), 200):
             with self._client("get") as client:
                 values = client.get_many(cells[n : n + 200]) or {}
             for cell in cells[n : n + 200]:
                 value = values.get(cell)
-                if value is not None:
+                if value is None:
+                    gone.add(cell)
+                else:
                     yield cell, str(value)
+        self._prune(indexes, gone)
+
+    def _prune(self, indexes: Mapping[str, tuple[str, Any]], gone: set[str]) -> None:
+        """Drop names of records that are gone from the index items read at ``version``.
+
+        ``cas`` fails if a record was indexed since the read: that shard is pruned next time.
+        A record created after our read of it is appended after its ``add``, so it is never
+        pruned away.
+        """
+        for shard, (text, version) in indexes.items():
+            names = [c for c in text.split("\n") if c]
+            kept = [c for c in names if c not in gone]
+            if len(kept) < len(names):
+                value = "".join(c + "\n" for c in kept)
+                with contextlib.suppress(BackendError), self._client("cas") as client:
+                    client.cas(shard, value, version, expire=0, noreply=False)
 
     def cleanup(self, prefix: str) -> None:
         """Memcached drops expired items by itself."""
 
     def close(self) -> None:
         self._clients.close()
+
+
+def _index_shard(cell: str) -> str:
+    """The index item that lists ``cell`` (see :class:`_MemcachedCells`)."""
+    return INDEX_CELL.format(zlib.crc32(cell.encode()) % INDEX_SHARDS)
 
 
 def _metadump(server: str, timeout: float = 10.0) -> list[str]:
