@@ -236,6 +236,31 @@ def late(self: Any, customer_id: int, tag: str = "", duration: float = 6.0) -> i
     return customer_id
 
 
+@app.task(
+    bind=True,
+    base=ExclusiveTask,
+    acks_late=True,
+    ignore_result=True,
+    exclusive={"key": ["customer_id"], "ttl": 2.0, "wait_timeout": 60},
+)
+def late_quiet(self: Any, customer_id: int, tag: str = "", duration: float = 6.0) -> int:
+    """``late`` with ``ignore_result``: the result backend never says SUCCESS."""
+    record(self, f"late-quiet:{customer_id}", tag, duration)
+    return customer_id
+
+
+@app.task(
+    bind=True,
+    base=ExclusiveTask,
+    acks_late=True,
+    exclusive={"key": ["customer_id"], "ttl": 2.0, "wait_timeout": 60},
+)
+def late_failing(self: Any, customer_id: int, tag: str = "", duration: float = 6.0) -> int:
+    """``late`` that fails at its end (Celery acks a failure): the result says FAILURE."""
+    record(self, f"late-failing:{customer_id}", tag, duration)
+    raise RuntimeError(f"customer {customer_id} failed at the end")
+
+
 @app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["customer_id"]}, time_limit=1.5)
 def limited(self: Any, customer_id: int, tag: str = "", duration: float = 30.0) -> int:
     record(self, f"limited:{customer_id}", tag, duration)

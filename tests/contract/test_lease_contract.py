@@ -242,6 +242,21 @@ def test_listing_shows_every_held_key_while_they_are_renewed(store: Store) -> No
             lease.release()
 
 
+def test_done_marks_are_per_task_id_expire_and_are_no_leases(store: Store) -> None:
+    backend = store.backend
+    assert not backend.is_done("job", "task-1")
+    backend.mark_done("job", "task-1", ttl=1.0)
+    backend.mark_done("job", "task-3", ttl=60.0)
+    assert backend.is_done("job", "task-1") and backend.is_done("job", "task-3")
+    assert not backend.is_done("job", "task-2") and not backend.is_done("other", "task-1")
+    # Nobody holds the key, and nothing is listed
+    assert store.holders("job") == [] and list(store.leases()) == []
+    with store.lease("job", limit=1):
+        pass
+    wait_until(lambda: not backend.is_done("job", "task-1"), 5, "the done mark to expire")
+    assert backend.is_done("job", "task-3")
+
+
 def test_one_round_trip_renews_many_leases(store: Store) -> None:
     # Given 200 leases held by one process, acquired at different moments
     renewer = Renewer()

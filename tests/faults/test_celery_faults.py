@@ -196,7 +196,7 @@ def settle(
     """
     marker = task_id.encode()
     received = f"[{task_id}] received"
-    ended = (f"[{task_id}] succeeded", f"[{task_id}] raised", f"[{task_id}] retry")
+    ended = tuple(f"[{task_id}] {end}" for end in ("succeeded", "raised", "retry", "ignored"))
     seen_at: list[float] = []
 
     def quiet() -> bool:
@@ -270,6 +270,29 @@ def test_redelivered_running_task_waits_for_its_copy_and_runs_once(
     # and the body ran once: started once, recorded once, and the result is the first run's
     check_ran_once(lane, result.id, deliveries, settled)
     assert result.get(timeout=5) == cid
+
+
+@pytest.mark.parametrize("name", ["late_quiet", "late_failing"])
+def test_redelivered_copy_runs_once_whatever_the_result_backend_holds(
+    lane: Lane, name: str
+) -> None:
+    # Given an acks_late task redelivered while it runs (3 visibility timeouts), whose result
+    # backend will never say SUCCESS: ignore_result, or a run that fails at its end
+    task = getattr(ca, name)
+    worker = lane.worker(concurrency=3)
+    cid = new_customer()
+    result = lane.send(task, cid, tag=lane.tag, duration=6.0)
+    key = task.exclusive_key([cid], {})
+
+    # When the first copy has ended, and every delivery of it has ended
+    wait_until(lambda: lane.history(), 30, "the first copy to end")
+    deliveries, settled = settle(lane, [worker], result.id, key)
+    assert deliveries >= 2, f"kombu never redelivered {result.id}: this test proves nothing"
+
+    # Then the body ran once (the done mark is in the store, whatever the result backend holds)
+    check_ran_once(lane, result.id, deliveries, settled)
+    if name == "late_failing":
+        assert result.state == "FAILURE"  # the skipped copies stored nothing over it
 
 
 def test_redelivered_copy_does_not_run_again_when_the_result_is_stored_late(

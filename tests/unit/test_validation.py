@@ -19,6 +19,7 @@ class UntouchableBackend(Backend):
         raise AssertionError("the store was contacted")
 
     acquire = release = renew = wait = holders = force_release = _touched  # type: ignore[assignment]
+    mark_done = is_done = _touched  # type: ignore[assignment]
 
     def scan(self, match: str | None = None) -> Iterator[LeaseInfo]:
         raise AssertionError("the store was contacted")

@@ -35,6 +35,11 @@ __all__ = [
 #: again still starts above every fence it ever handed out (see ``docs/guarantees.md``).
 DEFAULT_FENCE_RETENTION = 7 * 24 * 3600.0
 
+#: Suffix of the name under which stores that keep marks beside leases (SQL, Django caches)
+#: record :meth:`Backend.mark_done`: ``"<key>{done}"``. Lease keys may not contain braces, so
+#: it can never be a lease's key, and listings leave it out.
+DONE = "{done}"
+
 
 def encode_meta(meta: Mapping[str, Any]) -> str:
     """Turn a holder's metadata into the compact JSON text stores keep (see ``parse_meta``)."""
@@ -200,6 +205,19 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def force_release(self, key: str, token: str | None = None) -> int:
         """Remove ``token``'s hold (or every hold when None) on ``key``; return how many."""
+
+    @abc.abstractmethod
+    def mark_done(self, key: str, task_id: str, ttl: float) -> None:
+        """Record for ``ttl`` seconds that task ``task_id`` ran to its end under ``key``.
+
+        Celery redelivers an ``acks_late`` message whose worker died or whose ack came late;
+        the copy asks :meth:`is_done` before running the body again. Not a lease: nobody
+        holds it, it is not listed, and it lives in a place of its own (see :data:`DONE`).
+        """
+
+    @abc.abstractmethod
+    def is_done(self, key: str, task_id: str) -> bool:
+        """Whether :meth:`mark_done` recorded ``task_id`` under ``key`` less than its ttl ago."""
 
     def update_meta(self, key: str, token: str, meta: str) -> bool:
         """Replace ``token``'s metadata if it still holds a live lease; return whether it did.

@@ -60,6 +60,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from ..exceptions import BackendError, ConfigurationError
 from .base import (
     DEFAULT_FENCE_RETENTION,
+    DONE,
     Backend,
     Conflict,
     Grant,
@@ -406,8 +407,8 @@ class _Cells(Protocol):
     def read_many(self, cells: Sequence[str]) -> dict[str, tuple[str, Any]]:
         """Return ``{cell: (value, version)}`` for the cells that exist, in one round trip."""
 
-    def create(self, cell: str, value: str, keep: float) -> bool:
-        """Create ``cell``; False if it already exists."""
+    def create(self, cell: str, value: str, keep: float, *, listed: bool = True) -> bool:
+        """Create ``cell``; False if it already exists. ``listed``: :meth:`scan` must find it."""
 
     def replace(self, cell: str, value: str, version: Any, keep: float) -> bool:
         """Write ``cell`` only if it is still at ``version``; False if it changed or is gone."""
@@ -621,6 +622,16 @@ class DjangoCacheBackend(Backend):
             time.sleep(min(timeout, self.poll))
         return False
 
+    def mark_done(self, key: str, task_id: str, ttl: float) -> None:
+        # A cell of its own, "done:<expiry us>": no lease record, so listings skip it. The
+        # expiry is in the value because the database cache reads rows past their expiry.
+        value = f"done:{self._now() + int(ttl * 1_000_000)}"
+        self._cells.create(self._cell(f"{key}{DONE}:{task_id}"), value, ttl, listed=False)
+
+    def is_done(self, key: str, task_id: str) -> bool:
+        got = self._cells.read(self._cell(f"{key}{DONE}:{task_id}"))
+        return got is not None and int(got[0].rpartition(":")[2]) > self._now()
+
     def holders(self, key: str) -> list[Holder]:
         got = self._cells.read(self._cell(key))
         if got is None:
@@ -833,7 +844,7 @@ class _DatabaseCells:
                     out[cell] = (value, value)
         return out
 
-    def create(self, cell: str, value: str, keep: float) -> bool:
+    def create(self, cell: str, value: str, keep: float, *, listed: bool = True) -> bool:
         from django.db import IntegrityError
 
         with self._cursor("insert") as (conn, cursor, quote):
@@ -959,10 +970,10 @@ class _MemcachedCells:
             got = client.gets_many(list(cells)) or {}
         return {k: (str(v), cas) for k, (v, cas) in got.items() if v is not None}
 
-    def create(self, cell: str, value: str, keep: float) -> bool:
+    def create(self, cell: str, value: str, keep: float, *, listed: bool = True) -> bool:
         with self._client("add") as client:
             created = bool(client.add(cell, value, expire=self._expire(keep), noreply=False))
-            if created:
+            if created and listed:
                 self._index(client, cell)
         return created
 

@@ -44,6 +44,7 @@ class MemoryBackend(Backend):
         self._leases: dict[str, dict[str, _Entry]] = {}
         self._fences: dict[str, int] = {}
         self._signals: dict[str, int] = {}
+        self._done: dict[tuple[str, str], float] = {}
 
     def _live(self, key: str, now: float) -> dict[str, _Entry]:
         entries = self._leases.get(key, {})
@@ -104,6 +105,17 @@ class MemoryBackend(Backend):
                 self._cond.wait(remaining)
             self._signals[key] -= 1
             return True
+
+    def mark_done(self, key: str, task_id: str, ttl: float) -> None:
+        with self._cond:
+            now = self._clock()
+            if len(self._done) >= 1024:  # drop expired marks now and then, not on every call
+                self._done = {k: exp for k, exp in self._done.items() if exp > now}
+            self._done[key, task_id] = now + ttl
+
+    def is_done(self, key: str, task_id: str) -> bool:
+        with self._cond:
+            return self._done.get((key, task_id), 0.0) > self._clock()
 
     def holders(self, key: str) -> list[Holder]:
         with self._cond:

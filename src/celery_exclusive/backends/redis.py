@@ -243,6 +243,19 @@ class RedisBackend(Backend):
             raise BackendError(f"wait on {self._description} failed: {exc}") from exc
         return reply is not None
 
+    def mark_done(self, key: str, task_id: str, ttl: float) -> None:
+        # A string beside the key's lease hash (same Cluster slot); scans match hashes only.
+        try:
+            self.client.set(self._k(key, f"done:{task_id}"), 1, px=_ms(ttl))
+        except self._errors as exc:
+            raise BackendError(f"mark_done on {self._description} failed: {exc}") from exc
+
+    def is_done(self, key: str, task_id: str) -> bool:
+        try:
+            return bool(self.client.exists(self._k(key, f"done:{task_id}")))
+        except self._errors as exc:
+            raise BackendError(f"is_done on {self._description} failed: {exc}") from exc
+
     def holders(self, key: str) -> list[Holder]:
         reply = self._call("holders", [self._k(key, "lease")], [])
         return _parse_holders(reply[1:], int(reply[0]))

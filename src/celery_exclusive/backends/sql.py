@@ -40,6 +40,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 from ..exceptions import BackendError, ConfigurationError
 from .base import (
     DEFAULT_FENCE_RETENTION,
+    DONE,
     Backend,
     Conflict,
     Grant,
@@ -315,6 +316,23 @@ counted AS (
 SELECT n, CASE WHEN n > 0 THEN pg_notify(%(channel)s, %(key)s)::text END FROM counted
 """
 
+PG_MARK_DONE = """
+-- Record that a task ran to its end: a row of the key "<key>" + DONE (never a lease key) whose
+-- token is the task id, expiring after ttl; cleanup deletes it with the expired holds.
+-- Parameters: key ("<key>" + DONE), token (task id), ttl (seconds). Returns nothing.
+INSERT INTO {lease} (key, token, fence, expires_at, acquired_at, renewed_at, meta)
+VALUES (%(key)s, %(token)s, 0, clock_timestamp() + %(ttl)s::float8 * interval '1 second',
+        clock_timestamp(), clock_timestamp(), '')
+ON CONFLICT (key, token) DO UPDATE SET expires_at = EXCLUDED.expires_at
+"""
+
+PG_IS_DONE = """
+-- Whether a task's done mark is there. Parameters: key ("<key>" + DONE), token (task id).
+-- Returns one row when it is.
+SELECT 1 FROM {lease}
+WHERE key = %(key)s AND token = %(token)s AND expires_at > clock_timestamp()
+"""
+
 PG_CLEANUP_LEASES = """
 -- Housekeeping: delete expired holds of every key (a renewal in flight is waited for and
 -- re-checked, as in acquire step 2). Parameters: none. Returns nothing.
@@ -463,6 +481,20 @@ WHERE (key > ? OR (key = ? AND token > ?))
   AND expires_at > ?
 ORDER BY key, token
 LIMIT ?
+"""
+
+SQLITE_MARK_DONE = """
+-- Record that a task ran to its end (see PG_MARK_DONE).
+-- Parameters: key ("<key>" + DONE), token (task id), expires (us), now (us), now (us).
+INSERT INTO {lease} (key, token, fence, expires_at, acquired_at, renewed_at, meta)
+VALUES (?, ?, 0, ?, ?, ?, '')
+ON CONFLICT (key, token) DO UPDATE SET expires_at = excluded.expires_at
+"""
+
+SQLITE_IS_DONE = """
+-- Whether a task's done mark is there. Parameters: key ("<key>" + DONE), token (task id), now.
+-- Returns one row when it is.
+SELECT 1 FROM {lease} WHERE key = ? AND token = ? AND expires_at > ?
 """
 
 SQLITE_CLEANUP_LEASES = """
@@ -648,6 +680,8 @@ class _SQLBackend(Backend):
                     current, holders = stored, []
                 key = self._unk(stored)
                 if self.prefix and not stored.startswith(self.prefix + ":"):
+                    continue
+                if stored.endswith(DONE):  # done marks (mark_done), not leases
                     continue
                 if match is not None and not fnmatch.fnmatchcase(key, match):
                     continue
@@ -901,6 +935,8 @@ class PostgresBackend(_SQLBackend):
                 "take": PG_TAKE,
                 "update_meta": PG_UPDATE_META,
                 "hand_over": PG_HAND_OVER,
+                "mark_done": PG_MARK_DONE,
+                "is_done": PG_IS_DONE,
                 "cleanup_leases": PG_CLEANUP_LEASES,
                 "cleanup_fences": PG_CLEANUP_FENCES,
             }.items()
@@ -1081,6 +1117,17 @@ class PostgresBackend(_SQLBackend):
             listener = self._listener
         return listener.wait(self._k(key), timeout)
 
+    def mark_done(self, key: str, task_id: str, ttl: float) -> None:
+        params = {"key": self._k(key + DONE), "token": task_id, "ttl": float(ttl)}
+        self._run("mark_done", lambda conn: conn.execute(self._sql["mark_done"], params))
+
+    def is_done(self, key: str, task_id: str) -> bool:
+        params = {"key": self._k(key + DONE), "token": task_id}
+        row = self._run(
+            "is_done", lambda conn: conn.execute(self._sql["is_done"], params).fetchone()
+        )
+        return row is not None
+
     def holders(self, key: str) -> list[Holder]:
         params = {"key": self._k(key)}
         rows = self._run(
@@ -1242,6 +1289,8 @@ class SQLiteBackend(_SQLBackend):
                 "hand_over": SQLITE_HAND_OVER,
                 "force_all": SQLITE_FORCE_RELEASE_ALL,
                 "scan": SQLITE_SCAN,
+                "mark_done": SQLITE_MARK_DONE,
+                "is_done": SQLITE_IS_DONE,
                 "cleanup_leases": SQLITE_CLEANUP_LEASES,
                 "cleanup_fences": SQLITE_CLEANUP_FENCES,
             }.items()
@@ -1422,6 +1471,22 @@ class SQLiteBackend(_SQLBackend):
         if timeout > 0:
             time.sleep(min(timeout, SQLITE_POLL))
         return False
+
+    def mark_done(self, key: str, task_id: str, ttl: float) -> None:
+        k = self._k(key + DONE)
+
+        def op(conn: sqlite3.Connection, now: int) -> None:
+            conn.execute(self._sql["mark_done"], (k, task_id, now + _us(ttl), now, now))
+
+        self._tx("mark_done", op)
+
+    def is_done(self, key: str, task_id: str) -> bool:
+        k = self._k(key + DONE)
+
+        def op(conn: sqlite3.Connection, now: int) -> bool:
+            return conn.execute(self._sql["is_done"], (k, task_id, now)).fetchone() is not None
+
+        return self._tx("is_done", op)
 
     def holders(self, key: str) -> list[Holder]:
         k = self._k(key)

@@ -19,8 +19,10 @@ Where the leases are taken and given back, and why there:
 * **A redelivered message** (same task id: ``acks_late`` with a Redis ``visibility_timeout``
   shorter than the task) finds the key held by its own task id. It waits for that copy to end
   (woken by the release) instead of running beside it or being skipped, and then does not run
-  again if the result backend already says SUCCESS. After a real crash it waits only until the
-  dead copy's lease expires, then runs: no work is lost and nothing deadlocks.
+  again if the store holds the task id's done mark, written when a copy ran to its end (with
+  any outcome but a retry or a requeue; kept two visibility timeouts). After a real crash it
+  waits only until the dead copy's lease expires, then runs: no work is lost and nothing
+  deadlocks.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Retry
+from celery.exceptions import Ignore, Reject, Retry
 from celery.utils import uuid
 
 from ..backends.base import encode_meta
@@ -299,6 +301,8 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             lease = self._take_run_lease(store, key, opts, task_id, request, abort)
         except _Skipped as skipped:
             self._release_enqueue_lease(store, key, opts, task_id)
+            if skipped.ignore:
+                raise Ignore() from None  # Celery stores nothing for this run
             return skipped.value
         call = self._release_enqueue_lease(store, key, opts, task_id)
         if call is not None:  # keep_last: run with the newest arguments handed to us
@@ -308,14 +312,16 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
 
         signals.exclusive_acquired.send(sender=self, task_id=task_id, key=key, lease=lease)
         request._exclusive_lease = lease
-        retrying = False
+        retrying = ended = False
         try:
             if opts.on_lock_lost == "abort":
                 abort.arm()
             try:
-                return super().__call__(*args, **kwargs)
+                result = super().__call__(*args, **kwargs)
             finally:
                 abort.disarm()
+            ended = True
+            return result
         except _LeaseLostAbort:
             raise LeaseLost(
                 f"{self.name}[{task_id}] aborted: its lease on {key!r} was lost ({abort.reason})",
@@ -324,14 +330,22 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         except Retry:
             retrying = True
             raise
+        except Reject as exc:
+            ended = not exc.requeue
+            raise
+        except Exception:
+            ended = True  # a failure is acked like a success: a redelivery must not redo it
+            raise
         finally:
             request._exclusive_lease = None
+            if ended and self.acks_late and not request.is_eager:
+                self._mark_done(lease, key, task_id)
             if retrying and opts.hold == "until_done":
                 _hand_back(lease, task_id)  # kept for the retry (apply_async did it already)
             elif self.acks_late and not request.is_eager:
-                # A redelivered copy of this message waits for this release and then asks the
-                # result backend whether the work is done: release only once Celery has
-                # stored the result (task_postrun, see handlers.release_after_run).
+                # Released once Celery has stored the result and acked (task_postrun, see
+                # handlers.release_after_run): a redelivered copy waiting for this release
+                # then finds the done mark written above, and the result in place.
                 request._exclusive_release = (lease, key)
             else:
                 self._release(lease, task_id, key)
@@ -362,17 +376,28 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         )
         if opts.hold == "until_done" and not _hand_over(store, lease, task_id):
             lease.token = task_id  # a store without hand-over: one owner per task id, as before
-        self._acquire_for_run(lease, key, opts, task_id)
-        if (getattr(request, "delivery_info", None) or {}).get("redelivered"):
-            self._skip_if_done(lease, key, task_id)
+        waited_for_own_copy = self._acquire_for_run(lease, key, opts, task_id)
+        redelivered = (getattr(request, "delivery_info", None) or {}).get("redelivered")
+        if self.acks_late and (redelivered or request.retries or waited_for_own_copy):
+            try:
+                self._skip_if_done(lease, key, task_id)
+            except _Skipped:
+                raise
+            except BaseException:
+                self._release(lease, task_id, key)  # never keep a key for a run that won't come
+                raise
         return lease
 
-    def _acquire_for_run(self, lease: Lease, key: str, opts: TaskOptions, task_id: str) -> None:
-        """Take the run lease; on a conflict apply ``on_conflict`` (raise _Skipped to skip)."""
+    def _acquire_for_run(self, lease: Lease, key: str, opts: TaskOptions, task_id: str) -> bool:
+        """Take the run lease; on a conflict apply ``on_conflict`` (raise _Skipped to skip).
+
+        Return True when the key was held by another delivery of this task id (a redelivered
+        message), which this one waited for.
+        """
         keep_last = opts.on_duplicate == "keep_last"
         wait = opts.on_conflict == "wait" or keep_last
         if lease.acquire(blocking=wait, timeout=opts.wait_timeout if wait else None):
-            return
+            return False
         if keep_last and (lease.holder or {}).get("task_id") != task_id:
             # The pending copy keeps its slot (and the newest arguments) while it retries.
             raise self.retry(
@@ -381,7 +406,7 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         holder = lease.holder or {}
         if holder.get("task_id") == task_id:
             self._redelivered(lease, key, opts, task_id)
-            return
+            return True
         action = opts.on_conflict
         signals.exclusive_conflict.send(
             sender=self, task_id=task_id, key=key, holder=holder, action=action
@@ -420,15 +445,44 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         if not lease.acquire(blocking=True, timeout=max(opts.wait_timeout, opts.ttl * 2)):
             countdown = min(opts.retry_countdown, opts.retry_max_countdown)
             raise self.retry(countdown=countdown, max_retries=None)
-        self._skip_if_done(lease, key, task_id)
 
     def _skip_if_done(self, lease: Lease, key: str, task_id: str) -> None:
-        """A copy of this task id already succeeded: release the key and skip the run."""
-        previous = self.AsyncResult(task_id)
-        if previous.state == "SUCCESS":
-            # The first copy finished; running again would do the work twice.
-            self._release(lease, task_id, key)
-            raise _Skipped(previous.result)
+        """Another copy of this task id ran to its end: release the key and skip the run.
+
+        Known from the store's done mark (:meth:`_mark_done`), not from the result backend,
+        which may be off (``ignore_result``), down, or not say SUCCESS (a failed run, or a
+        ``track_started`` STARTED that a redelivered copy wrote over SUCCESS).
+        """
+        if not lease.backend.is_done(key, task_id):
+            return
+        self._release(lease, task_id, key)
+        logger.warning(
+            "%s[%s] was delivered again after a copy of it ran to its end: not running it again",
+            self.name,
+            task_id,
+        )
+        # Ignore: Celery stores nothing (the first copy's SUCCESS or FAILURE stays) and sends
+        # no callback, chain or chord step a second time (returning a value would).
+        raise _Skipped(None, ignore=True)
+
+    def _mark_done(self, lease: Lease, key: str, task_id: str) -> None:
+        """Record in the store that ``task_id`` ran to its end (read by :meth:`_skip_if_done`).
+
+        Written before the run lease is released, so a redelivered copy waiting for that
+        release finds it. Kept for two visibility timeouts (at least an hour): the longest a
+        broker keeps an unacked message before it delivers it again.
+        """
+        options = self.app.conf.broker_transport_options or {}
+        ttl = max(2 * float(options.get("visibility_timeout") or 3600), 3600.0)
+        try:
+            lease.backend.mark_done(key, task_id, ttl)
+        except BackendError:
+            logger.warning(
+                "could not record that %s[%s] ended: a redelivered copy would run it again",
+                self.name,
+                task_id,
+                exc_info=True,
+            )
 
     def _release_enqueue_lease(
         self, store: Store, key: str, opts: TaskOptions, task_id: str
@@ -508,11 +562,12 @@ class _Abort:
 
 
 class _Skipped(Exception):
-    """Internal: end the run now with ``value`` as its result."""
+    """Internal: end the run now with ``value`` as its result (``ignore``: store none)."""
 
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: Any, *, ignore: bool = False) -> None:
         super().__init__(value)
         self.value = value
+        self.ignore = ignore
 
 
 def _skip_record(
