@@ -467,6 +467,9 @@ class DjangoCacheBackend(Backend):
         # The record keeps the full key, so listings still show it.
         return f"{self.prefix}:#{hashlib.sha256(key.encode()).hexdigest()}"
 
+    def _done_cell(self, key: str, task_id: str) -> str:
+        return self._cell(f"{key}{DONE}:{task_id}")
+
     def _now(self) -> int:
         return int(self._clock() * 1_000_000)
 
@@ -626,10 +629,10 @@ class DjangoCacheBackend(Backend):
         # A cell of its own, "done:<expiry us>": no lease record, so listings skip it. The
         # expiry is in the value because the database cache reads rows past their expiry.
         value = f"done:{self._now() + int(ttl * 1_000_000)}"
-        self._cells.create(self._cell(f"{key}{DONE}:{task_id}"), value, ttl, listed=False)
+        self._cells.create(self._done_cell(key, task_id), value, ttl, listed=False)
 
     def is_done(self, key: str, task_id: str) -> bool:
-        got = self._cells.read(self._cell(f"{key}{DONE}:{task_id}"))
+        got = self._cells.read(self._done_cell(key, task_id))
         return got is not None and int(got[0].rpartition(":")[2]) > self._now()
 
     def holders(self, key: str) -> list[Holder]:
@@ -989,9 +992,8 @@ class _MemcachedCells:
                 ):
                     return
         except Exception:  # the record exists: its grant stands, only listings may miss it
-            logger.warning("could not index %r in %s", cell, shard, exc_info=True)
-            return
-        logger.warning("could not index %r in %s: listings may miss it", cell, shard)
+            pass
+        logger.warning("could not index %r in %s: listings may miss it", cell, shard, exc_info=True)
 
     def replace(self, cell: str, value: str, version: Any, keep: float) -> bool:
         with self._client("cas") as client:

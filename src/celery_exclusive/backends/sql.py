@@ -627,6 +627,10 @@ class _SQLBackend(Backend):
     def _k(self, key: str) -> str:
         return f"{self.prefix}:{key}" if self.prefix else key
 
+    def _done_key(self, key: str) -> str:
+        """The stored key of ``key``'s done marks (rows whose token is a task id)."""
+        return self._k(key + DONE)
+
     def _unk(self, stored: str) -> str:
         return stored[len(self.prefix) + 1 :] if self.prefix else stored
 
@@ -1118,11 +1122,11 @@ class PostgresBackend(_SQLBackend):
         return listener.wait(self._k(key), timeout)
 
     def mark_done(self, key: str, task_id: str, ttl: float) -> None:
-        params = {"key": self._k(key + DONE), "token": task_id, "ttl": float(ttl)}
+        params = {"key": self._done_key(key), "token": task_id, "ttl": float(ttl)}
         self._run("mark_done", lambda conn: conn.execute(self._sql["mark_done"], params))
 
     def is_done(self, key: str, task_id: str) -> bool:
-        params = {"key": self._k(key + DONE), "token": task_id}
+        params = {"key": self._done_key(key), "token": task_id}
         row = self._run(
             "is_done", lambda conn: conn.execute(self._sql["is_done"], params).fetchone()
         )
@@ -1473,7 +1477,7 @@ class SQLiteBackend(_SQLBackend):
         return False
 
     def mark_done(self, key: str, task_id: str, ttl: float) -> None:
-        k = self._k(key + DONE)
+        k = self._done_key(key)
 
         def op(conn: sqlite3.Connection, now: int) -> None:
             conn.execute(self._sql["mark_done"], (k, task_id, now + _us(ttl), now, now))
@@ -1481,7 +1485,7 @@ class SQLiteBackend(_SQLBackend):
         self._tx("mark_done", op)
 
     def is_done(self, key: str, task_id: str) -> bool:
-        k = self._k(key + DONE)
+        k = self._done_key(key)
 
         def op(conn: sqlite3.Connection, now: int) -> bool:
             return conn.execute(self._sql["is_done"], (k, task_id, now)).fetchone() is not None
