@@ -25,6 +25,7 @@ from .exceptions import (
     KeyArgumentError,
     LeaseError,
     LeaseLost,
+    LimitMismatch,
     Timeout,
 )
 from .lease import Lease
@@ -45,6 +46,7 @@ __all__ = [
     "LeaseError",
     "LeaseInfo",
     "LeaseLost",
+    "LimitMismatch",
     "Store",
     "Timeout",
     "__version__",

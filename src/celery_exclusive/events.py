@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from . import forking
+
 __all__ = ["Hook", "lease_acquired", "lease_conflict", "lease_lost", "lease_released"]
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ class Hook:
         self.name = name
         self._receivers: list[Receiver] = []
         self._lock = threading.Lock()
+        forking.replace_after_fork(self, "_lock", threading.Lock)
 
     def connect(self, receiver: Receiver) -> Receiver:
         """Add ``receiver`` (usable as a decorator); connecting twice has no effect."""

@@ -4,6 +4,7 @@ Every error derives from one root, so ``except ExclusiveError`` catches all of t
 
     ExclusiveError
     ├── ConfigurationError      bad settings, URL, option or argument (also a ValueError)
+    │   └── LimitMismatch       an acquire's limit differs from the key's live holders'
     ├── KeyArgumentError        an argument that cannot be made into a key (also a TypeError)
     ├── BackendError            the store failed or could not be reached (wraps the driver error)
     └── LeaseError              something about one lease (has ``.key``)
@@ -33,6 +34,7 @@ __all__ = [
     "KeyArgumentError",
     "LeaseError",
     "LeaseLost",
+    "LimitMismatch",
     "Timeout",
 ]
 
@@ -43,6 +45,28 @@ class ExclusiveError(Exception):
 
 class ConfigurationError(ExclusiveError, ValueError):
     """A setting, URL, option or argument is invalid."""
+
+
+class LimitMismatch(ConfigurationError):
+    """An acquire asked for a ``limit`` other than the one the key's live holders hold it under.
+
+    A key's limit is set by its first grant and kept while any holder is live: a caller with
+    ``limit=3`` is not let in next to a holder that took the key with ``limit=1`` (that would
+    break the holder's exclusivity). ``key`` names it, ``limit`` is the key's limit (0 when
+    the store could not tell) and ``requested`` the caller's.
+    """
+
+    def __init__(
+        self, message: str = "", *, key: str = "", limit: int = 0, requested: int = 0
+    ) -> None:
+        super().__init__(
+            message
+            or f"{key!r} is held under limit={limit}; an acquire with limit={requested} is "
+            "refused while it is held (every caller of one key must use the same limit)"
+        )
+        self.key = key
+        self.limit = limit
+        self.requested = requested
 
 
 class KeyArgumentError(ExclusiveError, TypeError):

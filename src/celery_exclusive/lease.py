@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import events
+from . import events, forking
 from .backends.base import Conflict, Holder, encode_meta
 from .exceptions import AlreadyHeld, BackendError, ConfigurationError, LeaseLost, Timeout
 
@@ -77,7 +77,7 @@ class Lease:
         meta: Mapping[str, Any] | None = None,
         token: str | None = None,
         max_hold: float | None = None,
-        blocking: bool = False,
+        blocking: bool | None = None,
         timeout: float | None = None,
         auto_renew: bool = True,
         on_lost: Callable[[Lease, str], object] | None = None,
@@ -88,7 +88,13 @@ class Lease:
         self.ttl = ttl
         self.limit = limit
         self.token = token or secrets.token_hex(16)
-        self.meta: dict[str, Any] = {"host": _HOST, "pid": os.getpid(), **(meta or {})}
+        # The store keeps each holder's limit with it, to refuse a caller with another one.
+        self.meta: dict[str, Any] = {
+            "host": _HOST,
+            "pid": os.getpid(),
+            **(meta or {}),
+            "limit": limit,
+        }
         self._meta_json = encode_meta(self.meta)
         self.max_hold = max_hold
         self.blocking = blocking
@@ -97,6 +103,7 @@ class Lease:
         self.on_lost = on_lost
         self._renewer = renewer
         self._lock = threading.Lock()
+        self._epoch = forking.epoch()  # the process (fork) the grant belongs to
         self._fence: int | None = None
         self._deadline = 0.0  # monotonic time our grant surely lasts until
         self._acquired_at = 0.0  # monotonic time of the grant
@@ -127,6 +134,8 @@ class Lease:
         deadline passes (``ttl`` after the last successful renewal was *sent*; the store's
         expiry comes no earlier).
         """
+        if self._epoch != forking.epoch():
+            self._forget_parents_grant()
         return (
             self._fence is not None
             and self._lost_reason is None
@@ -167,6 +176,8 @@ class Lease:
         holder's lease is due to expire, so a holder that died without releasing is noticed.
         Taking a lease we already hold extends it and keeps its fence.
         """
+        if self._epoch != forking.epoch():
+            self._forget_parents_grant()
         if timeout is not None:
             if not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout < 0:
                 raise ConfigurationError(f"timeout must be a number >= 0 or None, not {timeout!r}")
@@ -202,8 +213,11 @@ class Lease:
     def release(self) -> bool:
         """Give the lease back; return True if we still held it in the store.
 
-        A late or doubled release returns False and never frees another owner's lease.
+        A late or doubled release returns False and never frees another owner's lease. In a
+        process forked from the one that holds it, it returns False and frees nothing.
         """
+        if self._epoch != forking.epoch():
+            self._forget_parents_grant()
         with self._lock:
             was_granted = self._fence is not None and self._deadline > 0
             self._deadline = 0.0
@@ -220,6 +234,8 @@ class Lease:
 
         For hand-overs: a lease that another party (a queued message) now owns.
         """
+        if self._epoch != forking.epoch():
+            self._forget_parents_grant()
         with self._lock:
             self._deadline = 0.0
         if self._renewer is not None:
@@ -227,6 +243,8 @@ class Lease:
 
     def renew(self) -> bool:
         """Extend the lease by ``ttl`` now; return False (and mark it lost) if it is gone."""
+        if self._epoch != forking.epoch():
+            self._forget_parents_grant()
         if self._fence is None or self._deadline == 0.0 or self._lost_reason is not None:
             return False
         from .backends.base import RenewRequest
@@ -244,18 +262,21 @@ class Lease:
         if not self.held:
             if self._fence is None:
                 reason = "it was never acquired"
+            elif self._lost_reason is not None:
+                reason = self._lost_reason
             elif self._deadline == 0.0:
                 reason = "it was released"
             else:
-                reason = self._lost_reason or "it expired before it could be renewed"
+                reason = "it expired before it could be renewed"
             raise LeaseLost(f"lease on {self.key!r} is not held: {reason}", key=self.key)
 
     # -- context manager ------------------------------------------------------------------
 
     def __enter__(self) -> Lease:
-        if self.acquire(blocking=self.blocking, timeout=self.timeout):
+        blocking = self.timeout is not None if self.blocking is None else self.blocking
+        if self.acquire(blocking=blocking, timeout=self.timeout):
             return self
-        if self.blocking:
+        if blocking:
             raise Timeout(
                 f"could not acquire {self.key!r} within {self.timeout} s",
                 key=self.key,
@@ -314,6 +335,21 @@ class Lease:
                 self.on_lost(self, reason)
             except Exception:
                 logger.exception("on_lost callback of lease %r failed", self.key)
+
+    def grant_deadline(self) -> tuple[int, float]:
+        """The current grant's ``generation`` and local deadline (monotonic; 0 when free)."""
+        with self._lock:
+            return self.generation, self._deadline
+
+    def _forget_parents_grant(self) -> None:
+        """In a forked child: the grant is the parent's, who renews and releases it."""
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._epoch = forking.epoch()
+        if self._deadline > 0.0:
+            self._deadline = 0.0
+            self._lost_reason = "it was granted to the process this one was forked from"
+            self.generation += 1
+            self.next_renewal = math.inf
 
     def past_max_hold(self, now: float) -> bool:
         """Whether ``max_hold`` seconds have passed since the grant."""

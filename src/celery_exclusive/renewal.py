@@ -1,35 +1,44 @@
-"""One renewal thread per process, renewing every held lease in one round trip per store.
+"""Lease renewal: one scheduler thread per process, and one sender thread per store.
 
-Each lease wants renewing every ``ttl / 3``. When the thread wakes for the earliest one, it
-also renews every other lease of the same store that falls due within the next ``ttl / 6``,
-so leases drift into step and a process holding 1,000 leases sends one request per interval,
-not 1,000.
+Each lease wants renewing every ``ttl / 3``. When a store's earliest lease falls due, the
+scheduler hands that store's sender every lease of the store that falls due within the next
+``ttl / 6``, so leases drift into step and a process holding 1,000 leases sends one request
+per interval, not 1,000.
+
+One sender per store, because a store that stops answering (a paused server, a lost network)
+holds its sender in a socket read for seconds; it must not hold up renewals on other stores.
+The scheduler never waits on a store: it also watches every lease's local deadline, and a
+lease whose renewal was not confirmed in time is reported lost just before the deadline (by
+``min(ttl / 10, 0.5)`` s), while the store still holds it::
+
+    t=0     renewal sent, confirmed          deadline = 0 + ttl
+    t=ttl/3 renewal sent; the store hangs    (the sender waits for its reply)
+    t=ttl-g no reply yet: lease_lost fired   (the scheduler; on_lost runs, `held` is False)
+    t>=ttl  the store may free the key       (never before: its expiry counts from the
+                                               moment it received the last renewal)
 
 What happens when renewal fails::
 
     refused (the store says the token no longer holds the key)  -> lost at once
     store unreachable (BackendError)                              -> retried shortly; lost
-                                                                     once the local deadline
-                                                                     (ttl after the last
-                                                                     successful renewal was
-                                                                     sent) has passed
+                                                                     at the local deadline
     max_hold reached                                               -> renewal stops (WARNING);
                                                                      the lease expires by itself
 
-The thread is created lazily in the process that first holds a lease, and a forked child
-starts with a fresh, empty renewer: a thread does not survive ``fork()`` and the parent's
+Threads are created lazily in the process that first holds a lease. In a forked child every
+renewer starts empty (see ``forking``): a thread does not survive ``fork()`` and the parent's
 leases are the parent's to renew (Celery prefork children are forked from the worker).
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import sys
 import threading
 import time
-from collections import defaultdict
 from typing import TYPE_CHECKING
 
+from . import forking
 from .backends.base import RenewRequest
 from .exceptions import BackendError
 
@@ -46,17 +55,23 @@ _RETRY_FRACTION = 0.1
 
 
 class Renewer:
-    """Renews registered leases from one daemon thread."""
+    """Renews registered leases: a scheduler thread, and a sender thread per store."""
 
     def __init__(self) -> None:
+        self.round_trips = 0  # renewal requests sent, for tests and benchmarks
+        self._reset_after_fork()
+        forking.call_after_fork(self, Renewer._reset_after_fork)
+
+    def _reset_after_fork(self) -> None:
+        # Also the constructor: in a forked child, start empty with new locks (see forking).
         self._cond = threading.Condition()
         self._leases: dict[int, Lease] = {}
+        self._senders: dict[int, _Sender] = {}
         self._thread: threading.Thread | None = None
-        self._wake_at = 0.0  # when the thread will next wake by itself (monotonic)
-        # With nothing to renew the thread still wakes every so often (the shortest renewal
+        self._wake_at = 0.0  # when the scheduler will next wake by itself (monotonic)
+        # With nothing to renew the scheduler still wakes every so often (the shortest renewal
         # interval seen), so that a short task's lease, due after that, need not wake it.
         self._idle_interval = 60.0
-        self.round_trips = 0  # renewal requests sent, for tests and benchmarks
 
     def add(self, lease: Lease) -> None:
         """Start renewing ``lease`` (idempotent)."""
@@ -71,7 +86,7 @@ class Renewer:
             # Wake the thread only if this lease is due before it would wake anyway: with
             # many leases held, waking it (and its scan) on every acquire costs every acquire.
             if lease.next_renewal < self._wake_at:
-                self._cond.notify()
+                self._cond.notify_all()
 
     def discard(self, lease: Lease) -> None:
         """Stop renewing ``lease`` (idempotent)."""
@@ -86,71 +101,159 @@ class Renewer:
     def __len__(self) -> int:
         return len(self._leases)
 
+    # -- the scheduler --------------------------------------------------------------------
+
     def _run(self) -> None:
         while True:
             try:
-                due = self._wait_for_due()
-                self._renew(due)
-            except Exception:  # the thread must survive anything a backend does
-                logger.exception("lease renewal round failed")
+                overdue, stopped = self._schedule()
+                for lease, generation in overdue:
+                    lease.mark_lost(
+                        "could not renew it before its deadline: the store did not confirm "
+                        "a renewal in time",
+                        generation,
+                    )
+                for lease in stopped:
+                    logger.warning(
+                        "lease on %r reached max_hold=%s s: renewal stopped, "
+                        "it expires within %s s",
+                        lease.key,
+                        lease.max_hold,
+                        lease.ttl,
+                    )
+            except Exception:  # the thread must survive anything
+                logger.exception("lease renewal scheduling failed")
                 time.sleep(0.1)
 
-    def _wait_for_due(self) -> list[Lease]:
+    def _schedule(self) -> tuple[list[tuple[Lease, int]], list[Lease]]:
+        """Wait until something is to be done; hand due leases to their store's sender.
+
+        Returns the leases past their deadline (with their grant's generation) and those
+        that reached ``max_hold``, to be reported outside the lock.
+        """
         with self._cond:
             while True:
                 now = time.monotonic()
-                if not self._leases:
-                    self._wake_at = now + self._idle_interval
-                    self._cond.wait(self._idle_interval)
-                    continue
-                earliest = min(lease.next_renewal for lease in self._leases.values())
-                if earliest <= now:
-                    self._wake_at = 0.0  # busy renewing: a new lease waits for the next round
-                    return [
-                        lease
-                        for lease in self._leases.values()
-                        if lease.next_renewal <= now + lease.ttl / 6
-                    ]
-                self._wake_at = earliest
-                self._cond.wait(earliest - now)
+                overdue: list[tuple[Lease, int]] = []
+                stopped: list[Lease] = []
+                due: dict[int, list[Lease]] = {}
+                wake = now + self._idle_interval
+                for lease in list(self._leases.values()):
+                    if lease.past_max_hold(now):
+                        del self._leases[id(lease)]
+                        stopped.append(lease)
+                        continue
+                    generation, deadline = lease.grant_deadline()
+                    give_up = deadline - _guard(lease.ttl)
+                    if give_up <= now:
+                        del self._leases[id(lease)]
+                        overdue.append((lease, generation))
+                        continue
+                    wake = min(wake, give_up)
+                    sender = self._senders.get(id(lease.backend))
+                    if sender is None or not sender.busy:
+                        due.setdefault(id(lease.backend), []).append(lease)
+                for leases in due.values():
+                    earliest = min(lease.next_renewal for lease in leases)
+                    if earliest > now:
+                        wake = min(wake, earliest)
+                        continue
+                    batch = [le for le in leases if le.next_renewal <= now + le.ttl / 6]
+                    self._sender_for(batch[0].backend).send(batch)
+                if overdue or stopped:
+                    return overdue, stopped
+                self._wake_at = wake
+                self._cond.wait(max(wake - now, 0.0))
 
-    def _renew(self, due: list[Lease]) -> None:
-        by_backend: dict[int, list[Lease]] = defaultdict(list)
-        now = time.monotonic()
-        for lease in due:
-            if lease.past_max_hold(now):
-                self.discard(lease)
-                logger.warning(
-                    "lease on %r reached max_hold=%s s: renewal stopped, it expires within %s s",
-                    lease.key,
-                    lease.max_hold,
-                    lease.ttl,
-                )
-                continue
-            by_backend[id(lease.backend)].append(lease)
-        for leases in by_backend.values():
-            self._renew_batch(leases[0].backend, leases)
+    def _sender_for(self, backend: Backend) -> _Sender:
+        """The sender thread of ``backend`` (call with the condition held)."""
+        sender = self._senders.get(id(backend))
+        if sender is None or not sender.alive:
+            sender = _Sender(self, backend)
+            self._senders[id(backend)] = sender
+        return sender
 
-    def _renew_batch(self, backend: Backend, leases: list[Lease]) -> None:
+    def _renewed(self, sender: _Sender) -> None:
+        """A sender is free again: let the scheduler plan its next batch."""
+        with self._cond:
+            sender.busy = False
+            self._cond.notify_all()
+
+
+class _Sender:
+    """Sends one store's renewal batches from its own thread, one batch at a time.
+
+    Its state is guarded by the renewer's condition.
+    """
+
+    #: A sender with nothing to send for this long ends its thread (a new one starts on use).
+    IDLE = 60.0
+
+    def __init__(self, renewer: Renewer, backend: Backend) -> None:
+        self._renewer = renewer
+        self._backend = backend
+        self._batch: list[Lease] = []
+        self.busy = False
+        self.alive = True
+        self._thread = threading.Thread(
+            target=self._run, name="celery-exclusive-renewer-send", daemon=True
+        )
+        self._thread.start()
+
+    def send(self, batch: list[Lease]) -> None:
+        """Queue ``batch`` (call with the renewer's condition held, the sender not busy)."""
+        self._batch = batch
+        self.busy = True
+        self._renewer._cond.notify_all()
+
+    def _run(self) -> None:
+        cond = self._renewer._cond
+        while True:
+            with cond:
+                idle_until = time.monotonic() + self.IDLE
+                while not self._batch:
+                    remaining = idle_until - time.monotonic()
+                    if remaining <= 0:
+                        self.alive = False
+                        return
+                    cond.wait(remaining)
+                batch, self._batch = self._batch, []
+            try:
+                self._renew(batch)
+            except Exception:  # the thread must survive anything a backend does
+                logger.exception("lease renewal round failed")
+                for lease in batch:
+                    lease.next_renewal = time.monotonic() + _retry_in(lease.ttl)
+            finally:
+                self._renewer._renewed(self)
+
+    def _renew(self, leases: list[Lease]) -> None:
         sent = time.monotonic()
         generations = [lease.generation for lease in leases]
-        self.round_trips += 1
+        self._renewer.round_trips += 1
         try:
-            results = backend.renew([RenewRequest(le.key, le.token, le.ttl) for le in leases])
+            results = self._backend.renew([RenewRequest(le.key, le.token, le.ttl) for le in leases])
         except BackendError as exc:
             now = time.monotonic()
-            for lease, generation in zip(leases, generations, strict=True):
-                if not lease.held:
-                    lease.mark_lost(f"could not renew before it expired: {exc}", generation)
-                else:
-                    lease.next_renewal = now + min(lease.ttl * _RETRY_FRACTION, 1.0)
-                    logger.warning("renewing %r failed, will retry: %s", lease.key, exc)
+            for lease in leases:
+                lease.next_renewal = now + _retry_in(lease.ttl)
+                logger.warning("renewing %r failed, will retry: %s", lease.key, exc)
             return
         for lease, generation, ok in zip(leases, generations, results, strict=True):
             if ok:
                 lease.renewed(sent, generation)
             else:
                 lease.mark_lost("renewal refused: the store no longer had it", generation)
+
+
+def _guard(ttl: float) -> float:
+    """How long before its local deadline an unconfirmed lease is reported lost."""
+    return min(ttl / 10, 0.5)
+
+
+def _retry_in(ttl: float) -> float:
+    """After a failed round trip, try again after this long."""
+    return min(ttl * _RETRY_FRACTION, 1.0)
 
 
 _renewer: Renewer | None = None
@@ -166,11 +269,4 @@ def get_renewer() -> Renewer:
         return _renewer
 
 
-def _after_fork_in_child() -> None:
-    global _renewer, _renewer_lock
-    _renewer = None
-    _renewer_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+forking.replace_after_fork(sys.modules[__name__], "_renewer_lock", threading.Lock)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from . import forking
 from .backends.base import Backend, Holder, LeaseInfo
 from .exceptions import ConfigurationError
 from .lease import Lease
@@ -35,6 +37,7 @@ _BAD_KEY = re.compile(r"[\s{}\x00-\x1f\x7f]")
 
 _memory_stores: dict[str, Backend] = {}
 _memory_lock = threading.Lock()
+forking.replace_after_fork(sys.modules[__name__], "_memory_lock", threading.Lock)
 
 
 def validate_key(key: object) -> str:
@@ -109,7 +112,7 @@ class Store:
         meta: Mapping[str, Any] | None = None,
         token: str | None = None,
         max_hold: float | None = None,
-        blocking: bool = False,
+        blocking: bool | None = None,
         timeout: float | None = None,
         auto_renew: bool = True,
         on_lost: Callable[[Lease, str], object] | None = None,
@@ -120,7 +123,8 @@ class Store:
         holders at once (1: a lock; N: a semaphore). ``meta``: JSON-able facts about the
         holder, shown by listings (host and pid are added). ``token``: the owner token
         (random by default; the same token asking again is the same owner). ``max_hold``:
-        stop renewing after this many seconds. ``blocking``/``timeout``: how ``with`` acquires.
+        stop renewing after this many seconds. ``blocking``/``timeout``: how ``with`` acquires
+        (a ``timeout`` alone means blocking; ``blocking=True`` alone waits without limit).
         ``auto_renew``: renew in the background while held. ``on_lost``: called with
         ``(lease, reason)`` when renewal finds the lease gone.
         """
@@ -130,12 +134,8 @@ class Store:
             raise ConfigurationError(f"limit must be an int >= 1, not {limit!r}")
         if meta is not None and not isinstance(meta, Mapping):
             raise ConfigurationError(f"meta must be a mapping, not {type(meta).__name__}")
-        if token is not None and (
-            not isinstance(token, str) or not token or "|" in token or token.startswith("#")
-        ):
-            raise ConfigurationError(
-                f"token must be a non-empty str without '|', not starting with '#'; not {token!r}"
-            )
+        if token is not None:
+            _validate_token(token)
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
             raise ConfigurationError(f"timeout must be a number >= 0 or None, not {timeout!r}")
         return Lease(
@@ -165,7 +165,10 @@ class Store:
         """Remove one holder (by token) or all holders of ``key``; return how many.
 
         For operators: the holder is not told, and its next renewal reports the lease lost.
+        Only live holders are counted; expired ones are dropped on the way.
         """
+        if token is not None:
+            _validate_token(token)
         return self.backend.force_release(validate_key(key), token)
 
     def close(self) -> None:
@@ -174,6 +177,14 @@ class Store:
 
     def __repr__(self) -> str:
         return f"<Store {self.backend.describe()}>"
+
+
+def _validate_token(token: object) -> None:
+    """Refuse a token a store could confuse with its own bookkeeping ('#' fields, '|')."""
+    if not isinstance(token, str) or not token or "|" in token or token.startswith("#"):
+        raise ConfigurationError(
+            f"token must be a non-empty str without '|', not starting with '#'; not {token!r}"
+        )
 
 
 def connect(url: str | Any, *, default_ttl: float = DEFAULT_TTL, **options: Any) -> Store:

@@ -57,7 +57,8 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ..exceptions import BackendError, ConfigurationError
+from .. import forking
+from ..exceptions import BackendError, ConfigurationError, LimitMismatch
 from .base import (
     DEFAULT_FENCE_RETENTION,
     DONE,
@@ -364,23 +365,26 @@ def _cache_factory(alias: str) -> Any:
 
 
 class _Record:
-    """One lease key's record: its last fence and its holders (times in microseconds)."""
+    """One lease key's record: its last fence, its holders (times in microseconds) and the
+    limit they were granted under (0: not recorded, by an older version)."""
 
-    __slots__ = ("fence", "holders", "key")
+    __slots__ = ("fence", "holders", "key", "limit")
 
-    def __init__(self, key: str, fence: int, holders: dict[str, list[Any]]) -> None:
+    def __init__(self, key: str, fence: int, holders: dict[str, list[Any]], limit: int = 0) -> None:
         self.key = key
         self.fence = fence
         self.holders = holders  # token -> [expires, fence, acquired, renewed, meta json]
+        self.limit = limit
 
     @classmethod
     def load(cls, text: str) -> _Record:
         data = json.loads(text)
-        return cls(str(data["k"]), int(data["f"]), dict(data["h"]))
+        return cls(str(data["k"]), int(data["f"]), dict(data["h"]), int(data.get("l", 0)))
 
     def dump(self) -> str:
         return json.dumps(
-            {"k": self.key, "f": self.fence, "h": self.holders}, separators=(",", ":")
+            {"k": self.key, "f": self.fence, "h": self.holders, "l": self.limit},
+            separators=(",", ":"),
         )
 
     def live(self, now: int) -> dict[str, list[Any]]:
@@ -530,12 +534,17 @@ class DjangoCacheBackend(Backend):
     ) -> Grant | Conflict:
         ttl_us = max(1, math.ceil(ttl * 1e6))
 
-        def change(record: _Record | None, now: int) -> tuple[_Record | None, Grant | Conflict]:
+        def change(
+            record: _Record | None, now: int
+        ) -> tuple[_Record | None, Grant | Conflict | LimitMismatch]:
             if record is None:
                 # A new (or expired, evicted, cleared) counter starts from the clock, so it
                 # still rises above every fence handed out before (docs/guarantees.md, rule 5).
                 record = _Record(key, now, {})
             record.drop_expired(now)
+            others = len(record.holders) - (token in record.holders)
+            if others and record.limit and record.limit != limit:
+                return None, LimitMismatch(key=key, limit=record.limit, requested=limit)
             mine = record.holders.get(token)
             if mine is not None:
                 mine[0], mine[3] = now + ttl_us, now
@@ -544,10 +553,13 @@ class DjangoCacheBackend(Backend):
                 retry_in = min(int(h[0]) for h in record.holders.values()) - now
                 return None, Conflict(holders=record.holder_list(now), retry_in=retry_in / 1e6)
             record.fence += 1
+            record.limit = limit
             record.holders[token] = [now + ttl_us, record.fence, now, now, meta]
             return record, Grant(fence=record.fence)
 
-        result: Grant | Conflict = self._update(key, change)
+        result: Grant | Conflict | LimitMismatch = self._update(key, change)
+        if isinstance(result, LimitMismatch):
+            raise result
         if isinstance(result, Grant) and not result.reentered:
             self._maybe_cleanup()
         return result
@@ -723,6 +735,7 @@ class _PerThread:
         self._close = close
         self._local = threading.local()
         self._lock = threading.Lock()
+        forking.replace_after_fork(self, "_lock", threading.Lock)
         self._slots: list[tuple[int, threading.Lock, list[Any]]] = []
 
     @contextlib.contextmanager

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from .. import forking
+from ..exceptions import LimitMismatch
 from .base import Backend, Conflict, Grant, Holder, LeaseInfo, RenewRequest
 
 __all__ = ["MemoryBackend"]
@@ -26,6 +28,7 @@ class _Entry:
     acquired: float
     renewed: float
     meta: str
+    limit: int = 1
 
 
 class MemoryBackend(Backend):
@@ -41,6 +44,7 @@ class MemoryBackend(Backend):
         self._clock = clock
         self._name = name
         self._cond = threading.Condition()
+        forking.replace_after_fork(self, "_cond", threading.Condition)
         self._leases: dict[str, dict[str, _Entry]] = {}
         self._fences: dict[str, int] = {}
         self._signals: dict[str, int] = {}
@@ -60,6 +64,9 @@ class MemoryBackend(Backend):
         with self._cond:
             now = self._clock()
             entries = self._live(key, now)
+            for other, entry in entries.items():
+                if other != token and entry.limit != limit:
+                    raise LimitMismatch(key=key, limit=entry.limit, requested=limit)
             mine = entries.get(token)
             if mine is not None:
                 mine.expires, mine.renewed = now + ttl, now
@@ -70,7 +77,9 @@ class MemoryBackend(Backend):
                 return Conflict(holders=holders, retry_in=retry_in)
             fence = self._fences.get(key, int(time.time() * 1_000_000)) + 1
             self._fences[key] = fence
-            self._leases.setdefault(key, {})[token] = _Entry(now + ttl, fence, now, now, meta)
+            self._leases.setdefault(key, {})[token] = _Entry(
+                now + ttl, fence, now, now, meta, limit
+            )
             return Grant(fence=fence)
 
     def release(self, key: str, token: str) -> bool:
@@ -132,7 +141,7 @@ class MemoryBackend(Backend):
 
     def force_release(self, key: str, token: str | None = None) -> int:
         with self._cond:
-            entries = self._leases.get(key, {})
+            entries = self._live(key, self._clock())
             if token is None:
                 removed = len(entries)
                 entries.clear()

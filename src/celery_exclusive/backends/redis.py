@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ..exceptions import BackendError, ConfigurationError
+from ..exceptions import BackendError, ConfigurationError, LimitMismatch
 from .base import (
     DEFAULT_FENCE_RETENTION,
     Backend,
@@ -108,7 +107,6 @@ class RedisBackend(Backend):
             redis.exceptions.RedisClusterException,
             OSError,
         )
-        self._lock = threading.Lock()
 
     # -- construction -------------------------------------------------------------------
 
@@ -186,6 +184,8 @@ class RedisBackend(Backend):
         )
         if int(reply[0]) == 1:
             return Grant(fence=int(reply[1]), reentered=bool(int(reply[2])))
+        if int(reply[0]) == -1:
+            raise LimitMismatch(key=key, limit=int(reply[1]), requested=limit)
         retry_in = max(int(reply[1]), 0) / 1000.0
         holders = _parse_holders(reply[3:], int(reply[2]))
         return Conflict(holders=holders, retry_in=retry_in)

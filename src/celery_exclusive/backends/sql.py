@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
-from ..exceptions import BackendError, ConfigurationError
+from ..exceptions import BackendError, ConfigurationError, LimitMismatch
 from .base import (
     DEFAULT_FENCE_RETENTION,
     DONE,
@@ -47,6 +47,7 @@ from .base import (
     Holder,
     LeaseInfo,
     RenewRequest,
+    parse_meta,
 )
 
 if TYPE_CHECKING:
@@ -162,31 +163,39 @@ DELETE FROM {lease} WHERE key = %(key)s AND expires_at <= clock_timestamp()
 PG_GRANT = """
 -- Acquire, step 3 (new statement, new snapshot; the counter lock is held, so no other acquire
 -- of this key runs). Every row left is a holder that was live in step 2, so all of them count.
+--   * another holder holds the key under another limit (the "limit" of its meta): refuse;
 --   * the token already holds the key: extend its row, keep its fence (re-entered);
 --   * else, fewer than `limit` other holders: increment the counter and insert the token;
 --   * else: report the holders.
 -- Parameters: key, token, ttl (seconds), limit, meta.
 -- Returns rows of (kind, fence, token, expires_in, acquired_at, renewed_at, meta):
 --   one ('reentered', fence, NULL...) or one ('granted', fence, NULL...), or else one
---   ('holder', ...) per current holder (expires_in in seconds, times in unix seconds).
+--   ('holder', ...) per current holder (expires_in in seconds, times in unix seconds), and
+--   first of them one ('mismatch', the key's limit, NULL...) on a limit mismatch.
 WITH clock AS MATERIALIZED (
     SELECT clock_timestamp() AS now
+),
+others AS MATERIALIZED (
+    SELECT count(*) AS n,
+           max(o.lim) FILTER (WHERE o.lim <> %(limit)s) AS other_limit
+    FROM (
+        SELECT CASE WHEN left(meta, 1) = '{{' THEN (meta::jsonb ->> 'limit')::int END AS lim
+        FROM {lease} WHERE key = %(key)s AND token <> %(token)s
+    ) AS o
 ),
 mine AS (
     UPDATE {lease} AS l
     SET expires_at = clock.now + %(ttl)s * interval '1 second', renewed_at = clock.now
-    FROM clock
-    WHERE l.key = %(key)s AND l.token = %(token)s
+    FROM clock, others
+    WHERE l.key = %(key)s AND l.token = %(token)s AND others.other_limit IS NULL
     RETURNING l.fence
-),
-others AS (
-    SELECT count(*) AS n FROM {lease} WHERE key = %(key)s AND token <> %(token)s
 ),
 bump AS (
     UPDATE {fence} AS f
     SET fence = f.fence + 1, updated_at = clock.now
     FROM clock, others
-    WHERE f.key = %(key)s AND others.n < %(limit)s AND NOT EXISTS (SELECT FROM mine)
+    WHERE f.key = %(key)s AND others.n < %(limit)s AND others.other_limit IS NULL
+      AND NOT EXISTS (SELECT FROM mine)
     RETURNING f.fence
 ),
 granted AS (
@@ -196,7 +205,10 @@ granted AS (
     FROM bump, clock
     RETURNING fence
 )
-SELECT 'reentered', fence, NULL, NULL::float8, NULL::float8, NULL::float8, NULL FROM mine
+SELECT 'mismatch', other_limit, NULL, NULL::float8, NULL::float8, NULL::float8, NULL
+FROM others WHERE other_limit IS NOT NULL
+UNION ALL
+SELECT 'reentered', fence, NULL, NULL, NULL, NULL, NULL FROM mine
 UNION ALL
 SELECT 'granted', fence, NULL, NULL, NULL, NULL, NULL FROM granted
 UNION ALL
@@ -303,17 +315,19 @@ RETURNING 1
 
 PG_FORCE_RELEASE = """
 -- Force-release: delete one token's row of a key, or every row of the key when token is NULL;
--- notify waiters if anything was deleted.
--- Parameters: key, token (or NULL), channel. Returns one row: (rows deleted, notify result).
+-- count the live ones, and wake as many waiters: one notification "<key>", a line break, "<n>"
+-- (PostgreSQL folds identical notifications of one transaction into one: n would not do).
+-- Parameters: key, token (or NULL), channel. Returns one row: (live rows deleted, notify result).
 WITH gone AS (
     DELETE FROM {lease}
     WHERE key = %(key)s AND (%(token)s::text IS NULL OR token = %(token)s::text)
-    RETURNING 1
+    RETURNING expires_at > clock_timestamp() AS live
 ),
 counted AS (
-    SELECT count(*) AS n FROM gone
+    SELECT count(*) FILTER (WHERE live) AS n FROM gone
 )
-SELECT n, CASE WHEN n > 0 THEN pg_notify(%(channel)s, %(key)s)::text END FROM counted
+SELECT n, CASE WHEN n > 0 THEN pg_notify(%(channel)s, %(key)s || chr(10) || n)::text END
+FROM counted
 """
 
 PG_MARK_DONE = """
@@ -398,10 +412,10 @@ SQLITE_FENCE_OF = """
 SELECT fence FROM {lease} WHERE key = ? AND token = ?
 """
 
-SQLITE_COUNT = """
--- How many holders a key has (expired ones were deleted just before). Parameters: key.
--- Returns one row: (count,).
-SELECT count(*) FROM {lease} WHERE key = ?
+SQLITE_OTHERS = """
+-- The other holders of a key (expired ones were deleted just before). Parameters: key, token.
+-- Returns one row per holder: (meta,).
+SELECT meta FROM {lease} WHERE key = ? AND token <> ?
 """
 
 SQLITE_BUMP = """
@@ -463,6 +477,12 @@ SQLITE_FORCE_RELEASE_ONE = """
 -- Force-release one token's hold. Parameters: key, token.
 -- Returns nothing; the row count is the number of holds removed (0 or 1).
 DELETE FROM {lease} WHERE key = ? AND token = ?
+"""
+
+SQLITE_COUNT_LIVE = """
+-- How many live holds a force-release is about to remove. Parameters: key, token (or NULL),
+-- token again, now (us). Returns one row: (count,).
+SELECT count(*) FROM {lease} WHERE key = ? AND (? IS NULL OR token = ?) AND expires_at > ?
 """
 
 SQLITE_FORCE_RELEASE_ALL = """
@@ -700,6 +720,19 @@ class _SQLBackend(Backend):
         raise NotImplementedError  # pragma: no cover
 
 
+def _other_limit(metas: Sequence[str], limit: int) -> int:
+    """The limit another holder took the key under, if it is not ``limit`` (else 0).
+
+    Each holder's limit is the ``limit`` of its metadata (holders written before it was
+    recorded have none and match any limit).
+    """
+    for meta in metas:
+        theirs = parse_meta(meta).get("limit")
+        if isinstance(theirs, int) and theirs != limit:
+            return theirs
+    return 0
+
+
 def _renew_plan(
     requests: Sequence[RenewRequest], stored: Callable[[str], str]
 ) -> tuple[list[tuple[str, str, float]], list[int]]:
@@ -814,7 +847,8 @@ class _Listener:
             self._pending[key] = fresh[1:]
         return bool(fresh)
 
-    def _signal(self, key: str) -> None:
+    def _signal(self, key: str, count: int = 1) -> None:
+        """Record ``count`` releases of ``key`` (each wakes one waiter)."""
         with self._cond:
             now = time.monotonic()
             if len(self._pending) > 10_000:
@@ -822,7 +856,7 @@ class _Listener:
                     k: v for k, v in self._pending.items() if v and v[-1] > now - SIGNAL_TTL
                 }
             stamps = self._pending.setdefault(key, [])
-            stamps.append(now)
+            stamps.extend([now] * min(count, 64))
             del stamps[:-64]
             self._cond.notify_all()
 
@@ -872,7 +906,8 @@ class _Listener:
                 note = pgconn.notifies()
                 if note is None:
                     break
-                self._signal(note.extra.decode("utf-8", "replace"))
+                key, _, count = note.extra.decode("utf-8", "replace").partition("\n")
+                self._signal(key, int(count) if count.isdigit() else 1)
 
     def close(self) -> None:
         with self._cond:
@@ -1086,6 +1121,8 @@ class PostgresBackend(_SQLBackend):
         self._maybe_cleanup()
         if rows and rows[0][0] in ("granted", "reentered"):
             return Grant(fence=int(rows[0][1]), reentered=rows[0][0] == "reentered")
+        if rows and rows[0][0] == "mismatch":
+            raise LimitMismatch(key=key, limit=int(rows[0][1]), requested=limit)
         holders = [self._holder_row((r[2], r[1], *r[3:])) for r in rows]
         retry_in = max(min((h.expires_in for h in holders), default=0.0), 0.0)
         return Conflict(holders=holders, retry_in=retry_in)
@@ -1280,7 +1317,7 @@ class SQLiteBackend(_SQLBackend):
                 "drop_expired": SQLITE_DROP_EXPIRED,
                 "extend": SQLITE_EXTEND,
                 "fence_of": SQLITE_FENCE_OF,
-                "count": SQLITE_COUNT,
+                "others": SQLITE_OTHERS,
                 "bump": SQLITE_BUMP,
                 "last_fence": SQLITE_LAST_FENCE,
                 "insert": SQLITE_INSERT,
@@ -1292,6 +1329,7 @@ class SQLiteBackend(_SQLBackend):
                 "update_meta": SQLITE_UPDATE_META,
                 "hand_over": SQLITE_HAND_OVER,
                 "force_all": SQLITE_FORCE_RELEASE_ALL,
+                "count_live": SQLITE_COUNT_LIVE,
                 "scan": SQLITE_SCAN,
                 "mark_done": SQLITE_MARK_DONE,
                 "is_done": SQLITE_IS_DONE,
@@ -1419,15 +1457,18 @@ class SQLiteBackend(_SQLBackend):
         k = self._k(key)
         sql = self._sql
 
-        def op(conn: sqlite3.Connection, now: int) -> Grant | Conflict:
+        def op(conn: sqlite3.Connection, now: int) -> Grant | Conflict | LimitMismatch:
             conn.execute(sql["seed_counter"], (k, now, now))
             conn.execute(sql["drop_expired"], (k, now))
+            metas = [m for (m,) in conn.execute(sql["others"], (k, token)).fetchall()]
+            other_limit = _other_limit(metas, limit)
+            if other_limit:
+                return LimitMismatch(key=key, limit=other_limit, requested=limit)
             expires = now + _us(ttl)
             if conn.execute(sql["extend"], (expires, now, k, token, now)).rowcount:
                 (fence,) = conn.execute(sql["fence_of"], (k, token)).fetchone()
                 return Grant(fence=int(fence), reentered=True)
-            (count,) = conn.execute(sql["count"], (k,)).fetchone()
-            if count < limit:
+            if len(metas) < limit:
                 conn.execute(sql["bump"], (now, k))
                 (fence,) = conn.execute(sql["last_fence"], (k,)).fetchone()
                 conn.execute(sql["insert"], (k, token, fence, expires, now, now, meta))
@@ -1438,6 +1479,8 @@ class SQLiteBackend(_SQLBackend):
             return Conflict(holders=holders, retry_in=retry_in)
 
         result = self._tx("acquire", op)
+        if isinstance(result, LimitMismatch):
+            raise result
         self._maybe_cleanup()
         return result
 
@@ -1515,9 +1558,12 @@ class SQLiteBackend(_SQLBackend):
         k = self._k(key)
 
         def op(conn: sqlite3.Connection, now: int) -> int:
+            (live,) = conn.execute(self._sql["count_live"], (k, token, token, now)).fetchone()
             if token is None:
-                return conn.execute(self._sql["force_all"], (k,)).rowcount
-            return conn.execute(self._sql["force_one"], (k, token)).rowcount
+                conn.execute(self._sql["force_all"], (k,))
+            else:
+                conn.execute(self._sql["force_one"], (k, token))
+            return int(live)
 
         return int(self._tx("force_release", op))
 

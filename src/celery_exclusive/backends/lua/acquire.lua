@@ -2,7 +2,8 @@
 --
 -- KEYS[1]  lease hash: field = owner token, value = "exp|fence|acquired|renewed|metajson"
 --          (times in ms of the server clock); field "#f" = the key's fence counter;
---          field "#w" = ms until which some caller waits for a release (see release.lua)
+--          field "#w" = ms until which some caller waits for a release (see release.lua);
+--          field "#l" = the limit the live holders were granted under
 -- ARGV[1]  owner token
 -- ARGV[2]  ttl in ms
 -- ARGV[3]  limit (max live holders)
@@ -13,7 +14,9 @@
 --
 -- Returns {1, fence, reentered(0|1)} on a grant;
 --         {0, ms until the earliest live holder expires, now in ms, token1, value1, ...}
---         on a conflict.
+--         on a conflict;
+--         {-1, the key's limit} when other live holders hold the key under another limit
+--         (a key's limit is set by its first grant and kept while anyone holds it).
 -- Expired holders are removed on the way. The fence counter is seeded from the server clock
 -- in microseconds when it is (re)created, so fences keep rising even after the hash expired.
 -- Numbers are written with string.format('%d'): Lua's default number-to-string keeps only
@@ -22,13 +25,17 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 local entries = redis.call('HGETALL', KEYS[1])
+local limit = tonumber(ARGV[3])
+local keylimit = nil
 local live = 0
 local soonest = nil
 local mine = nil
 local holders = {}
 for i = 1, #entries, 2 do
   local tok, val = entries[i], entries[i + 1]
-  if string.byte(tok, 1) ~= 35 then  -- not a "#" bookkeeping field
+  if tok == '#l' then
+    keylimit = tonumber(val)
+  elseif string.byte(tok, 1) ~= 35 then  -- not another "#" bookkeeping field
     local exp = tonumber(string.match(val, '^(%d+)|'))
     if exp <= now then
       redis.call('HDEL', KEYS[1], tok)
@@ -42,6 +49,9 @@ for i = 1, #entries, 2 do
     end
   end
 end
+if live > 0 and keylimit and keylimit ~= limit then
+  return {-1, keylimit}
+end
 if mine then
   local fence, acquired, meta = string.match(mine, '^%d+|(%d+)|(%d+)|%d+|(.*)$')
   redis.call('HSET', KEYS[1], ARGV[1],
@@ -49,10 +59,15 @@ if mine then
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
   return {1, tonumber(fence), 1}
 end
-if live >= tonumber(ARGV[3]) then
+if live >= limit then
+  -- Keep the latest time anyone waits until: a short waiter must not hide a long one.
   local waits = tonumber(ARGV[6])
   if waits > 0 then
-    redis.call('HSET', KEYS[1], '#w', string.format('%d', now + waits))
+    local until_ms = now + waits
+    local before = tonumber(redis.call('HGET', KEYS[1], '#w') or '0')
+    if until_ms > before then
+      redis.call('HSET', KEYS[1], '#w', string.format('%d', until_ms))
+    end
   end
   local reply = {0, soonest - now, now}
   for i = 1, #holders do reply[#reply + 1] = holders[i] end
@@ -61,11 +76,11 @@ end
 local fence = redis.call('HINCRBY', KEYS[1], '#f', 1)
 if fence == 1 then
   fence = t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('HSET', KEYS[1], '#f', fence, ARGV[1],
+  redis.call('HSET', KEYS[1], '#f', fence, '#l', ARGV[3], ARGV[1],
     string.format('%d|%s|%d|%d|', now + ttl, fence, now, now) .. ARGV[4])
   fence = tonumber(fence)
 else
-  redis.call('HSET', KEYS[1], ARGV[1],
+  redis.call('HSET', KEYS[1], '#l', ARGV[3], ARGV[1],
     string.format('%d|%d|%d|%d|', now + ttl, fence, now, now) .. ARGV[4])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])

@@ -5,17 +5,18 @@
 -- ARGV[1]  owner token, or "" for every holder
 -- ARGV[2]  signal list ttl in ms
 --
--- Returns how many holds were removed. The fence counter is kept.
+-- Returns how many live holds were removed (expired ones are dropped too, uncounted). The
+-- "#" bookkeeping fields (fence counter, waiter mark, limit) are never removed.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local removed = 0
-if ARGV[1] == '' then
-  local fields = redis.call('HKEYS', KEYS[1])
-  for i = 1, #fields do
-    if string.byte(fields[i], 1) ~= 35 then
-      removed = removed + redis.call('HDEL', KEYS[1], fields[i])
-    end
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local tok = entries[i]
+  if string.byte(tok, 1) ~= 35 and (ARGV[1] == '' or tok == ARGV[1]) then
+    redis.call('HDEL', KEYS[1], tok)
+    if tonumber(string.match(entries[i + 1], '^(%d+)|')) > now then removed = removed + 1 end
   end
-else
-  removed = redis.call('HDEL', KEYS[1], ARGV[1])
 end
 for i = 1, removed do redis.call('RPUSH', KEYS[2], '1') end
 if removed > 0 then
