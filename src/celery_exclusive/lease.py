@@ -5,7 +5,7 @@ performs atomic steps. Get one from :meth:`celery_exclusive.Store.lease`.
 
 Why a lease and not a lock: a holder can die or pause without releasing. Every grant therefore
 expires ``ttl`` seconds after its last renewal (judged by the store's clock), and while the
-holder lives, one renewal thread per process extends it every ``ttl / 3``. Timeline of the
+holder lives, the process's renewer (see ``renewal``) extends it every ``ttl / 3``. Timeline of the
 failure this protects against::
 
     t=0    worker A acquires "sync:42" (fence 7), ttl 30 s

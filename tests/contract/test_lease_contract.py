@@ -7,7 +7,15 @@ import time
 
 import pytest
 
-from celery_exclusive import AlreadyHeld, ConfigurationError, LeaseLost, Store, Timeout, events
+from celery_exclusive import (
+    AlreadyHeld,
+    ConfigurationError,
+    Lease,
+    LeaseLost,
+    Store,
+    Timeout,
+    events,
+)
 from celery_exclusive.backends.base import Backend
 from celery_exclusive.renewal import Renewer
 
@@ -363,3 +371,197 @@ def test_hand_over_can_give_the_new_owner_its_own_metadata(store: Store) -> None
     assert holder.fence == queued.fence
     assert store.backend.hand_over("job", "task-1/run", "task-1", 30.0) is True
     assert store.holders("job")[0].meta == {"state": "running", "node": "worker@a"}
+
+
+# -- regressions: wake-ups, blocking with, limits, force_release --------------------------------
+
+
+def test_a_short_waiter_does_not_hide_a_long_waiter_from_the_release(store: Store) -> None:
+    # Given a holder with a long ttl, so only the release itself can wake a waiter quickly
+    holder = store.lease("job", ttl=20)
+    assert holder.acquire()
+    long_waiter = store.lease("job")
+    asked = threading.Event()
+    got: list[float] = []
+
+    def on_conflict(lease: object, **_: object) -> None:
+        if lease is long_waiter:
+            asked.set()
+
+    def wait() -> None:
+        if long_waiter.acquire(timeout=30):
+            got.append(time.monotonic())
+
+    events.lease_conflict.connect(on_conflict)
+    thread = threading.Thread(target=wait, name="long-waiter", daemon=True)
+    try:
+        thread.start()
+        assert asked.wait(10), "the long waiter never asked for the key"
+        # When a short waiter asks after it, is refused and gives up
+        started = time.monotonic()
+        assert store.lease("job").acquire(timeout=0.2) is False
+        wait_until(lambda: time.monotonic() > started + 0.3, 2, "the short wait to be over")
+        # ...and only then the holder releases
+        released_at = time.monotonic()
+        assert holder.release()
+        thread.join(35)
+    finally:
+        events.lease_conflict.disconnect(on_conflict)
+    # Then the long waiter is woken by that release, not by its next re-check
+    assert got, "the long waiter never acquired"
+    woken_after = got[0] - released_at
+    assert woken_after < 2, f"the long waiter got the key {woken_after:.1f} s after the release"
+    assert long_waiter.release()
+
+
+def test_a_timeout_makes_the_with_statement_wait_for_the_key(store: Store) -> None:
+    # Given a holder that releases 0.3 s from now
+    holder = store.lease("job", ttl=30)
+    assert holder.acquire()
+    releaser = threading.Timer(0.3, holder.release)
+    releaser.start()
+    started = time.monotonic()
+    try:
+        # When a `with` asks for the key with a timeout (and nothing said about blocking)
+        with store.lease("job", timeout=5) as lease:
+            # Then it waits for the release and enters
+            waited = time.monotonic() - started
+            assert lease.held
+            assert [h.token for h in store.holders("job")] == [lease.token]
+    finally:
+        releaser.cancel()
+        releaser.join(5)
+    assert 0.2 <= waited < 4, waited
+    # ...and when the holder never lets go, it raises Timeout after about the timeout
+    stuck = store.lease("job", ttl=30)
+    assert stuck.acquire()
+    started = time.monotonic()
+    with pytest.raises(Timeout) as info, store.lease("job", timeout=0.5):
+        pass
+    elapsed = time.monotonic() - started
+    assert 0.5 <= elapsed < 3, elapsed
+    assert info.value.key == "job" and info.value.timeout == 0.5
+    assert stuck.release()
+
+
+def test_blocking_false_keeps_the_with_statement_non_blocking_despite_a_timeout(
+    store: Store,
+) -> None:
+    holder = store.lease("job", ttl=30)
+    assert holder.acquire()
+    started = time.monotonic()
+    with pytest.raises(AlreadyHeld), store.lease("job", blocking=False, timeout=5):
+        pass
+    assert time.monotonic() - started < 2, "blocking=False waited"
+    assert holder.release()
+
+
+def test_a_caller_with_another_limit_is_refused_while_the_key_is_held(store: Store) -> None:
+    from celery_exclusive.exceptions import LimitMismatch
+
+    # Given a key held as a lock (limit 1)
+    lock = store.lease("pool", limit=1)
+    assert lock.acquire()
+    # When a caller asks for it as a semaphore of 3, it is refused with a clear error
+    wider = store.lease("pool", limit=3)
+    with pytest.raises(LimitMismatch) as info:
+        wider.acquire()
+    error = info.value
+    assert isinstance(error, ConfigurationError)
+    assert (error.key, error.limit, error.requested) == ("pool", 1, 3)
+    assert "pool" in str(error) and "1" in str(error) and "3" in str(error), str(error)
+    assert not wider.held
+    assert [h.token for h in store.holders("pool")] == [lock.token]
+    # ...at once, also when it would wait
+    started = time.monotonic()
+    with pytest.raises(LimitMismatch):
+        store.lease("pool", limit=3).acquire(timeout=5)
+    assert time.monotonic() - started < 2, "a blocking caller waited instead of being refused"
+    # Once every holder released, a new limit is accepted, and then it is the key's limit
+    assert lock.release()
+    assert wider.acquire()
+    with pytest.raises(LimitMismatch) as info:
+        store.lease("pool", limit=1).acquire()
+    assert (info.value.limit, info.value.requested) == (3, 1)
+    assert wider.release()
+    # ...and once every holder expired, too
+    short = store.lease("pool", limit=2, ttl=0.3, auto_renew=False)
+    assert short.acquire()
+    later = store.lease("pool", limit=5)
+    wait_until(later.acquire, 5, "the limit=2 holder to expire")
+    assert later.release()
+
+
+def test_force_release_refuses_a_token_no_lease_can_have(store: Store) -> None:
+    lease = store.lease("job")
+    assert lease.acquire()
+    first_fence = lease.fence
+    assert first_fence is not None
+    for token in ["#f", "#w", "#l", "a|b", ""]:
+        with pytest.raises(ConfigurationError):
+            store.force_release("job", token)
+    # Nothing was touched: the holder still holds, and fences still rise
+    assert [h.token for h in store.holders("job")] == [lease.token]
+    assert lease.release()
+    again = store.lease("job")
+    assert again.acquire()
+    assert again.fence is not None and again.fence > first_fence
+    assert again.release()
+
+
+def test_force_release_counts_only_live_holders(store: Store) -> None:
+    # Given two holders that expired (never renewed) beside one live holder
+    expired = [store.lease("pool", limit=3, ttl=0.3, auto_renew=False) for _ in range(2)]
+    for lease in expired:
+        assert lease.acquire()
+    live = store.lease("pool", limit=3, ttl=30)
+    assert live.acquire()
+    wait_until(
+        lambda: [h.token for h in store.holders("pool")] == [live.token],
+        5,
+        "the short holders to expire",
+    )
+    # Then force-releasing an expired holder removes nothing live, and "all" removes one
+    assert store.force_release("pool", expired[0].token) == 0
+    assert store.force_release("pool") == 1
+    assert store.holders("pool") == []
+
+
+def test_force_release_of_every_holder_wakes_a_waiter_for_each(store: Store) -> None:
+    # Given a semaphore of 3 fully held (long ttl: only a release wakes a waiter quickly)
+    n = 3
+    holders = [store.lease("pool", limit=n, ttl=30) for _ in range(n)]
+    for lease in holders:
+        assert lease.acquire()
+    # ...and 3 waiters in this process, all refused and waiting
+    waiters = [store.lease("pool", limit=n) for _ in range(n)]
+    refused: set[int] = set()
+    got: dict[int, float] = {}
+
+    def on_conflict(lease: object, **_: object) -> None:
+        if any(lease is w for w in waiters):
+            refused.add(id(lease))
+
+    def wait(waiter: Lease) -> None:
+        if waiter.acquire(timeout=20):
+            got[id(waiter)] = time.monotonic()
+
+    events.lease_conflict.connect(on_conflict)
+    threads = [threading.Thread(target=wait, args=(w,), daemon=True) for w in waiters]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(refused) == n, 10, "every waiter to be refused")
+        # When an operator force-releases every holder
+        released_at = time.monotonic()
+        assert store.force_release("pool") == n
+        for thread in threads:
+            thread.join(25)
+    finally:
+        events.lease_conflict.disconnect(on_conflict)
+    # Then every waiter is woken by it and gets a place
+    delays = sorted(round(at - released_at, 1) for at in got.values())
+    assert len(got) == n, f"only {len(got)} of {n} waiters acquired (after {delays} s)"
+    assert delays[-1] < 2, f"waiters acquired {delays} s after the force_release"
+    for waiter in waiters:
+        assert waiter.release()

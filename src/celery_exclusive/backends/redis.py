@@ -43,8 +43,8 @@ SIGNAL_TTL_MS = 5_000
 #: Leases renewed by one script: Redis serves no other client while a script runs.
 RENEW_CHUNK = 200
 
-#: The default socket timeout for clients built from a URL: a store that stops answering must
-#: not hang the renewal thread, which then could not report the lease as lost.
+#: The default socket timeout for clients built from a URL: a store that stops answering holds
+#: its renewal sender this long (the loss itself is reported at the lease's deadline anyway).
 DEFAULT_SOCKET_TIMEOUT = 10.0
 
 

@@ -93,7 +93,7 @@ SCAN_PAGE = 500
 _TABLE_NAME = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]{0,40}\.)?[A-Za-z_][A-Za-z0-9_]{0,40}$")
 
 # libpq settings applied unless the URL sets them: a database that cannot be reached must not
-# hang the renewal thread (which then could not report the lease as lost).
+# hold its renewal sender for long (the loss is reported at the lease's deadline anyway).
 _PG_DEFAULTS = {
     "connect_timeout": "5",
     "keepalives": "1",
