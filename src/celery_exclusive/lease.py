@@ -134,8 +134,7 @@ class Lease:
         deadline passes (``ttl`` after the last successful renewal was *sent*; the store's
         expiry comes no earlier).
         """
-        if self._epoch != forking.epoch():
-            self._forget_parents_grant()
+        self._check_fork()
         return (
             self._fence is not None
             and self._lost_reason is None
@@ -176,8 +175,7 @@ class Lease:
         holder's lease is due to expire, so a holder that died without releasing is noticed.
         Taking a lease we already hold extends it and keeps its fence.
         """
-        if self._epoch != forking.epoch():
-            self._forget_parents_grant()
+        self._check_fork()
         if timeout is not None:
             if not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout < 0:
                 raise ConfigurationError(f"timeout must be a number >= 0 or None, not {timeout!r}")
@@ -216,8 +214,7 @@ class Lease:
         A late or doubled release returns False and never frees another owner's lease. In a
         process forked from the one that holds it, it returns False and frees nothing.
         """
-        if self._epoch != forking.epoch():
-            self._forget_parents_grant()
+        self._check_fork()
         with self._lock:
             was_granted = self._fence is not None and self._deadline > 0
             self._deadline = 0.0
@@ -234,8 +231,7 @@ class Lease:
 
         For hand-overs: a lease that another party (a queued message) now owns.
         """
-        if self._epoch != forking.epoch():
-            self._forget_parents_grant()
+        self._check_fork()
         with self._lock:
             self._deadline = 0.0
         if self._renewer is not None:
@@ -243,8 +239,7 @@ class Lease:
 
     def renew(self) -> bool:
         """Extend the lease by ``ttl`` now; return False (and mark it lost) if it is gone."""
-        if self._epoch != forking.epoch():
-            self._forget_parents_grant()
+        self._check_fork()
         if self._fence is None or self._deadline == 0.0 or self._lost_reason is not None:
             return False
         from .backends.base import RenewRequest
@@ -341,8 +336,10 @@ class Lease:
         with self._lock:
             return self.generation, self._deadline
 
-    def _forget_parents_grant(self) -> None:
-        """In a forked child: the grant is the parent's, who renews and releases it."""
+    def _check_fork(self) -> None:
+        """In a process forked since the grant, forget it: it is the parent's (rule 6)."""
+        if self._epoch == forking.epoch():
+            return
         self._lock = threading.Lock()  # another thread may have held it at the fork
         self._epoch = forking.epoch()
         if self._deadline > 0.0:

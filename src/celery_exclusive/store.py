@@ -121,7 +121,7 @@ class Store:
 
         ``ttl``: seconds a grant lasts without renewal (default 30). ``limit``: how many
         holders at once (1: a lock; N: a semaphore). ``meta``: JSON-able facts about the
-        holder, shown by listings (host and pid are added). ``token``: the owner token
+        holder, shown by listings (host, pid and limit are added). ``token``: the owner token
         (random by default; the same token asking again is the same owner). ``max_hold``:
         stop renewing after this many seconds. ``blocking``/``timeout``: how ``with`` acquires
         (a ``timeout`` alone means blocking; ``blocking=True`` alone waits without limit).
