@@ -28,7 +28,15 @@ from typing import Any, Protocol
 from celery_exclusive.backends.base import Backend, Conflict, Grant, Holder, LeaseInfo, RenewRequest
 from celery_exclusive.exceptions import BackendError
 
-__all__ = ["DELAY", "DELAY_CAP", "FAIL_BEFORE", "LOSE_REPLY", "Call", "FaultyBackend"]
+__all__ = [
+    "DELAY",
+    "DELAY_CAP",
+    "FAIL_BEFORE",
+    "LOSE_REPLY",
+    "Call",
+    "FaultyBackend",
+    "InjectedError",
+]
 
 FAIL_BEFORE = "fail-before"
 LOSE_REPLY = "lose-reply"
@@ -39,6 +47,10 @@ DELAY = "delay"
 DELAY_CAP = 4.0
 
 _ids = itertools.count(1)
+
+
+class InjectedError(BackendError):
+    """A store error this wrapper made up (``FAIL_BEFORE``, ``LOSE_REPLY``), never the store's."""
 
 
 @dataclass
@@ -113,9 +125,10 @@ class FaultyBackend(Backend):
             else:
                 self._armed[op] = [f for f in self._armed.get(op, []) if f[1] != token]
 
-    def armed(self, op: str) -> bool:
+    def armed(self, op: str, fault: str | None = None) -> bool:
+        """Whether a fault (``fault``, if given) waits for the next ``op`` call."""
         with self._lock:
-            return bool(self._armed.get(op))
+            return any(fault in (None, f) for f, _ in self._armed.get(op, []))
 
     def deliver(self) -> None:
         """Let every delayed reply go."""
@@ -133,7 +146,7 @@ class FaultyBackend(Backend):
     def _run(self, call: Call, fn: Any) -> Any:
         call.fault = self._take(call)
         if call.fault == FAIL_BEFORE:
-            raise BackendError(f"injected: {call.op} failed before it was sent")
+            raise InjectedError(f"injected: {call.op} failed before it was sent")
         self.calls_in_this_process.append(call)
         self.listener.begin(call)
         try:
@@ -145,7 +158,7 @@ class FaultyBackend(Backend):
             call.end = time.monotonic()
             self.listener.end(call)
         if call.fault == LOSE_REPLY:
-            raise BackendError(f"injected: the reply to {call.op} was lost")
+            raise InjectedError(f"injected: the reply to {call.op} was lost")
         if call.fault == DELAY:
             self.delayed_waiting.set()
             try:
