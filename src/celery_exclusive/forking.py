@@ -29,6 +29,7 @@ T = TypeVar("T")
 _epoch = 0
 _resets: list[tuple[weakref.ref[Any], Callable[[Any], None]]] = []
 _resets_lock = threading.Lock()
+_prune_at = 64
 
 
 def epoch() -> int:
@@ -38,9 +39,11 @@ def epoch() -> int:
 
 def call_after_fork(owner: T, reset: Callable[[T], None]) -> None:
     """Call ``reset(owner)`` in every forked child, as long as ``owner`` lives."""
+    global _prune_at
     with _resets_lock:
-        if len(_resets) >= 64:
+        if len(_resets) >= _prune_at:  # drop the dead now and then: amortised O(1) per call
             _resets[:] = [entry for entry in _resets if entry[0]() is not None]
+            _prune_at = max(64, 2 * len(_resets))
         _resets.append((weakref.ref(owner), reset))
 
 

@@ -195,10 +195,9 @@ class _Sender:
         self._batch: list[Lease] = []
         self.busy = False
         self.alive = True
-        self._thread = threading.Thread(
-            target=self._run, name="celery-exclusive-renewer-send", daemon=True
-        )
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name="celery-exclusive-renewer-send")
+        thread.daemon = True
+        thread.start()
 
     def send(self, batch: list[Lease]) -> None:
         """Queue ``batch`` (call with the renewer's condition held, the sender not busy)."""
@@ -220,10 +219,19 @@ class _Sender:
                 batch, self._batch = self._batch, []
             try:
                 self._renew(batch)
-            except Exception:  # the thread must survive anything a backend does
-                logger.exception("lease renewal round failed")
+            except Exception as exc:  # the thread must survive anything a backend does
+                # Tried again shortly; the scheduler reports a lease lost at its deadline.
+                expected = isinstance(exc, BackendError)
+                logger.log(
+                    logging.WARNING if expected else logging.ERROR,
+                    "renewing %s failed, will retry: %s",
+                    ", ".join(repr(lease.key) for lease in batch[:5]),
+                    exc,
+                    exc_info=not expected,
+                )
+                now = time.monotonic()
                 for lease in batch:
-                    lease.next_renewal = time.monotonic() + _retry_in(lease.ttl)
+                    lease.next_renewal = now + _retry_in(lease.ttl)
             finally:
                 self._renewer._renewed(self)
 
@@ -231,14 +239,7 @@ class _Sender:
         sent = time.monotonic()
         generations = [lease.generation for lease in leases]
         self._renewer.round_trips += 1
-        try:
-            results = self._backend.renew([RenewRequest(le.key, le.token, le.ttl) for le in leases])
-        except BackendError as exc:
-            now = time.monotonic()
-            for lease in leases:
-                lease.next_renewal = now + _retry_in(lease.ttl)
-                logger.warning("renewing %r failed, will retry: %s", lease.key, exc)
-            return
+        results = self._backend.renew([RenewRequest(le.key, le.token, le.ttl) for le in leases])
         for lease, generation, ok in zip(leases, generations, results, strict=True):
             if ok:
                 lease.renewed(sent, generation)

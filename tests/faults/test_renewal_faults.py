@@ -18,7 +18,6 @@ import os
 import select
 import signal
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,6 +27,7 @@ import pytest
 from celery_exclusive import Lease, Store, connect, events
 from celery_exclusive.renewal import Renewer
 
+from ..forks import reap, run_forked
 from ..servers import RedisServer, running, wait_until
 from .test_server_restart import LostLog
 
@@ -77,52 +77,10 @@ def fork_store_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue(name[request.param]))
 
 
-def reap(pid: int, timeout: float) -> int | None:
-    """Wait for child ``pid`` to exit and return its exit code; None if it missed
-    ``timeout`` (it is then SIGKILLed and reaped)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return None
-        time.sleep(0.01)
-
-
-def read_all(fd: int) -> str:
-    """Everything left in a pipe whose writers have all exited."""
-    chunks = []
-    while chunk := os.read(fd, 65536):
-        chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
-
-
 def in_child(body: Callable[[], None], what: str, timeout: float = CHILD_DEADLINE) -> None:
     """Run ``body`` in a forked child; fail with its traceback if it raised, or if it did not
     exit within ``timeout`` (then it is killed: a deadlock)."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.close(read_fd)
-            body()
-            code = 0
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                os.write(write_fd, traceback.format_exc()[-8000:].encode())
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    try:
-        code = reap(pid, timeout)
-        report = read_all(read_fd)
-    finally:
-        os.close(read_fd)
+    code, report = run_forked(body, timeout)
     assert code is not None, f"{what}: the child hung for {timeout} s (deadlocked) and was killed"
     assert code == 0, f"{what}: the child exited with {code}:\n{report}"
 

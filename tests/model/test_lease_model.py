@@ -47,7 +47,6 @@ import contextlib
 import logging
 import math
 import os
-import select
 import signal
 import threading
 import time
@@ -77,6 +76,7 @@ from celery_exclusive.exceptions import AlreadyHeld, BackendError, Configuration
 from celery_exclusive.lease import Lease
 
 from ..conftest import IN_CI, SLOW
+from ..forks import run_forked
 from ..servers import wait_until
 from .conftest import KINDS, ModelStore
 from .faulty import DELAY, FAIL_BEFORE, LOSE_REPLY, Call, FaultyBackend, InjectedError
@@ -806,21 +806,9 @@ class LeaseModel(RuleBasedStateMachine):
             return
         parents = [r.lease for r in self.owned.values() if r.lease.held]
         child_key = f"{next(iter(self.keys.values()))}-child"
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: never return into pytest
-            code, why = 1, "crashed"
-            try:
-                os.close(read_end)
-                code, why = _in_child(self.store, self.backend, parents, child_key)
-            except BaseException as exc:
-                why = f"{type(exc).__name__}: {exc}"
-            finally:
-                with contextlib.suppress(BaseException):
-                    os.write(write_end, why.encode()[:4000])
-                os._exit(code)
-        os.close(write_end)
-        status, message = _wait_child(pid, read_end)
+        status, message = run_forked(
+            lambda: _in_child(self.store, self.backend, parents, child_key), CHILD_DEADLINE
+        )
         if status is None:
             symptom(Bug2Fork, f"a child forked holding {len(parents)} lease(s) hung: {message}")
         elif status != 0:
@@ -1046,25 +1034,6 @@ def _in_child(
     if not own.release():
         return 16, "the child's own release returned False"
     return 0, "ok"
-
-
-def _wait_child(pid: int, read_end: int) -> tuple[int | None, str]:
-    deadline = time.monotonic() + CHILD_DEADLINE
-    status: int | None = None
-    while time.monotonic() < deadline:
-        done, raw = os.waitpid(pid, os.WNOHANG)
-        if done:
-            status = os.waitstatus_to_exitcode(raw)
-            break
-        time.sleep(0.02)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    message = b""
-    if select.select([read_end], [], [], 0)[0]:
-        message = os.read(read_end, 4000)
-    os.close(read_end)
-    return status, message.decode(errors="replace") or "(no message)"
 
 
 # -- the tests -------------------------------------------------------------------------------------

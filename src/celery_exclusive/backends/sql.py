@@ -473,22 +473,16 @@ UPDATE {lease} SET token = ?, meta = COALESCE(?, meta), expires_at = ?, renewed_
 WHERE key = ? AND token = ? AND expires_at > ?
 """
 
-SQLITE_FORCE_RELEASE_ONE = """
--- Force-release one token's hold. Parameters: key, token.
--- Returns nothing; the row count is the number of holds removed (0 or 1).
-DELETE FROM {lease} WHERE key = ? AND token = ?
-"""
-
 SQLITE_COUNT_LIVE = """
 -- How many live holds a force-release is about to remove. Parameters: key, token (or NULL),
 -- token again, now (us). Returns one row: (count,).
 SELECT count(*) FROM {lease} WHERE key = ? AND (? IS NULL OR token = ?) AND expires_at > ?
 """
 
-SQLITE_FORCE_RELEASE_ALL = """
--- Force-release every hold of a key. Parameters: key.
--- Returns nothing; the row count is the number of holds removed.
-DELETE FROM {lease} WHERE key = ?
+SQLITE_FORCE_RELEASE = """
+-- Force-release one token's hold of a key, or every hold when token is NULL.
+-- Parameters: key, token (or NULL), token again. Returns nothing.
+DELETE FROM {lease} WHERE key = ? AND (? IS NULL OR token = ?)
 """
 
 SQLITE_SCAN = """
@@ -1324,11 +1318,10 @@ class SQLiteBackend(_SQLBackend):
                 "holders": SQLITE_HOLDERS,
                 "release": SQLITE_RELEASE,
                 "expiry_of": SQLITE_EXPIRY_OF,
-                "force_one": SQLITE_FORCE_RELEASE_ONE,
                 "meta_of": SQLITE_META_OF,
                 "update_meta": SQLITE_UPDATE_META,
                 "hand_over": SQLITE_HAND_OVER,
-                "force_all": SQLITE_FORCE_RELEASE_ALL,
+                "force_release": SQLITE_FORCE_RELEASE,
                 "count_live": SQLITE_COUNT_LIVE,
                 "scan": SQLITE_SCAN,
                 "mark_done": SQLITE_MARK_DONE,
@@ -1559,10 +1552,7 @@ class SQLiteBackend(_SQLBackend):
 
         def op(conn: sqlite3.Connection, now: int) -> int:
             (live,) = conn.execute(self._sql["count_live"], (k, token, token, now)).fetchone()
-            if token is None:
-                conn.execute(self._sql["force_all"], (k,))
-            else:
-                conn.execute(self._sql["force_one"], (k, token))
+            conn.execute(self._sql["force_release"], (k, token, token))
             return int(live)
 
         return int(self._tx("force_release", op))
