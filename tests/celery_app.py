@@ -22,7 +22,7 @@ from celery.exceptions import Ignore, Reject
 
 from celery_exclusive.celery import ExclusiveTask, exclusive
 
-app = Celery("cex_tests", include=["tests.celery_policies"])
+app = Celery("cex_tests", include=["tests.celery_policies", "tests.celery_corners"])
 
 
 def configure(
@@ -77,6 +77,7 @@ if os.environ.get("CEX_BEAT_TAG"):
             "task": "tests.celery_policies.beat_job",
             "schedule": 1.0,
             "kwargs": {"tag": os.environ["CEX_BEAT_TAG"], "duration": 3.0},
+            "options": {"exclusive": {"hold": os.environ.get("CEX_BEAT_HOLD") or "until_done"}},
         }
     }
 

@@ -350,7 +350,11 @@ class Lease:
 
     def past_max_hold(self, now: float) -> bool:
         """Whether ``max_hold`` seconds have passed since the grant."""
-        return self.max_hold is not None and now - self._acquired_at >= self.max_hold
+        return now >= self.max_hold_at()
+
+    def max_hold_at(self) -> float:
+        """When (monotonic) the grant reaches ``max_hold`` (infinity without one)."""
+        return math.inf if self.max_hold is None else self._acquired_at + self.max_hold
 
     def _granted(self, fence: int, sent: float) -> None:
         with self._lock:

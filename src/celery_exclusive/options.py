@@ -13,10 +13,30 @@ No Celery import here: the Celery integration reads these, and so can any other 
     period              taken at enqueue, freed only by expiry after ``ttl``: a throttle,
                         at most one run per period per key
 
+What each hold promises (one line each; docs/celery.md says more)::
+
+    running             one run at a time per key; a call made meanwhile is published, and
+                        meets ``on_conflict`` when it starts
+    queued              at most one copy per key waits in the queue; runs are NOT exclusive
+                        (two may overlap: ``self.exclusive`` is None)
+    queued_and_running  one running plus at most one pending per key: calls made while one is
+                        pending return the pending one; the pending one waits for the running
+                        one and then runs
+    until_done          one copy per key from the call to the end of its run (retries
+                        included): calls made meanwhile return it
+    period              at most one run per key per ``ttl`` (a throttle)
+
 ``on_conflict`` (worker side, the key is held when the task starts): ``skip`` (the run ends
 SUCCESS with a result saying it was skipped and who holds the key), ``raise``
-(``AlreadyRunning``, the task fails), ``retry`` (re-queued with countdown and backoff),
-``wait`` (block up to ``wait_timeout``, woken by the release).
+(``AlreadyRunning``, the task fails), ``retry`` (re-queued with countdown and backoff, up to
+``max_retries`` times), ``wait`` (block up to ``wait_timeout``, woken by the release; then
+fail with ``AlreadyRunning``, except for a ``queued_and_running`` pending copy, which goes back
+to the queue and keeps its place). The default is ``wait`` under ``queued_and_running`` (that
+is what "pending" means) and ``skip`` otherwise.
+
+``on_store_error`` (worker side, the store cannot be reached when a task starts): ``retry``
+(default: the task goes back to the queue with ``retry_countdown`` and backoff, as often as it
+takes; nothing is lost) or ``fail`` (the task fails with ``BackendError``).
 
 ``on_duplicate`` (enqueue side, a copy is already queued): ``return_existing`` (the caller gets
 the AsyncResult of the queued or running copy), ``skip`` (``apply_async`` returns None),
@@ -43,6 +63,7 @@ HOLDS = ("running", "queued", "queued_and_running", "until_done", "period")
 ON_CONFLICT = ("skip", "raise", "retry", "wait")
 ON_DUPLICATE = ("return_existing", "skip", "raise", "replace", "keep_last")
 ON_LOCK_LOST = ("warn", "abort")
+ON_STORE_ERROR = ("retry", "fail")
 
 #: Holds that take a lease at enqueue / at the start of the run.
 ENQUEUE_HOLDS = frozenset({"queued", "queued_and_running", "until_done", "period"})
@@ -55,9 +76,11 @@ class TaskOptions:
 
     key: Sequence[str] | str | Callable[..., object] | None = None
     hold: str = "running"
-    on_conflict: str = "skip"
+    #: None: by ``hold`` (see :attr:`conflict`).
+    on_conflict: str | None = None
     on_duplicate: str = "return_existing"
     on_lock_lost: str = "warn"
+    on_store_error: str = "retry"
     ttl: float = 30.0
     limit: int = 1
     wait_timeout: float = 60.0
@@ -69,9 +92,11 @@ class TaskOptions:
 
     def __post_init__(self) -> None:
         _choice("hold", self.hold, HOLDS)
-        _choice("on_conflict", self.on_conflict, ON_CONFLICT)
+        if self.on_conflict is not None:
+            _choice("on_conflict", self.on_conflict, ON_CONFLICT)
         _choice("on_duplicate", self.on_duplicate, ON_DUPLICATE)
         _choice("on_lock_lost", self.on_lock_lost, ON_LOCK_LOST)
+        _choice("on_store_error", self.on_store_error, ON_STORE_ERROR)
         if self.on_duplicate == "replace" and self.hold not in ("queued", "queued_and_running"):
             raise ConfigurationError(
                 "exclusive option on_duplicate='replace' needs hold='queued' or "
@@ -103,6 +128,21 @@ class TaskOptions:
                 f"exclusive option max_retries must be an int >= 0 or None, "
                 f"not {self.max_retries!r}"
             )
+
+    @property
+    def conflict(self) -> str:
+        """The ``on_conflict`` in effect: as given, else ``wait`` for ``queued_and_running``
+        (its second copy is the pending one) and ``skip`` for every other hold."""
+        if self.on_conflict is not None:
+            return self.on_conflict
+        return "wait" if self.hold == "queued_and_running" else "skip"
+
+    @property
+    def pending_waits(self) -> bool:
+        """Whether a run that finds the key held is the pending copy, which keeps its place."""
+        return self.hold == "queued_and_running" and (
+            self.conflict == "wait" or self.on_duplicate == "keep_last"
+        )
 
     @property
     def locks_at_enqueue(self) -> bool:

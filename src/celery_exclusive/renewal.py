@@ -22,8 +22,9 @@ What happens when renewal fails::
     refused (the store says the token no longer holds the key)  -> lost at once
     store unreachable (BackendError)                              -> retried shortly; lost
                                                                      at the local deadline
-    max_hold reached                                               -> renewal stops (WARNING);
-                                                                     the lease expires by itself
+    max_hold reached                                               -> lost at once (renewal
+                                                                     stops; the store frees it
+                                                                     within ttl)
 
 Threads are created lazily in the process that first holds a lease. In a forked child every
 renewer starts empty (see ``forking``): a thread does not survive ``fork()`` and the parent's
@@ -113,43 +114,41 @@ class Renewer:
                         "a renewal in time",
                         generation,
                     )
-                for lease in stopped:
-                    logger.warning(
-                        "lease on %r reached max_hold=%s s: renewal stopped, "
-                        "it expires within %s s",
-                        lease.key,
-                        lease.max_hold,
-                        lease.ttl,
+                for lease, generation in stopped:
+                    lease.mark_lost(
+                        f"it reached max_hold={lease.max_hold:g} s: renewal stopped, and the "
+                        f"store frees it within {lease.ttl:g} s",
+                        generation,
                     )
             except Exception:  # the thread must survive anything
                 logger.exception("lease renewal scheduling failed")
                 time.sleep(0.1)
 
-    def _schedule(self) -> tuple[list[tuple[Lease, int]], list[Lease]]:
+    def _schedule(self) -> tuple[list[tuple[Lease, int]], list[tuple[Lease, int]]]:
         """Wait until something is to be done; hand due leases to their store's sender.
 
-        Returns the leases past their deadline (with their grant's generation) and those
-        that reached ``max_hold``, to be reported outside the lock.
+        Returns the leases past their deadline and those that reached ``max_hold`` (each with
+        its grant's generation), to be reported lost outside the lock.
         """
         with self._cond:
             while True:
                 now = time.monotonic()
                 overdue: list[tuple[Lease, int]] = []
-                stopped: list[Lease] = []
+                stopped: list[tuple[Lease, int]] = []
                 due: dict[int, list[Lease]] = {}
                 wake = now + self._idle_interval
                 for lease in list(self._leases.values()):
+                    generation, deadline = lease.grant_deadline()
                     if lease.past_max_hold(now):
                         del self._leases[id(lease)]
-                        stopped.append(lease)
+                        stopped.append((lease, generation))
                         continue
-                    generation, deadline = lease.grant_deadline()
                     give_up = deadline - _guard(lease.ttl)
                     if give_up <= now:
                         del self._leases[id(lease)]
                         overdue.append((lease, generation))
                         continue
-                    wake = min(wake, give_up)
+                    wake = min(wake, give_up, lease.max_hold_at())
                     sender = self._senders.get(id(lease.backend))
                     if sender is None or not sender.busy:
                         due.setdefault(id(lease.backend), []).append(lease)

@@ -53,14 +53,14 @@ from celery_exclusive.celery.config import store_for
 from proj.celery import app
 from reports.tasks import run_report, sync_customer
 
-# A sync of customer 42 is running elsewhere: it holds the lease of its key.
-key = sync_customer.exclusive_key((42,), {})
+# A report is running elsewhere: it holds the lease of its key.
+key = run_report.exclusive_key((), {})
 held = store_for(app).lease(key, meta={"task_id": "elsewhere"}, ttl=30)
 assert held.acquire()
 
-skipped = sync_customer.apply((42, 0)).get()
+skipped = run_report.apply((0,)).get()
 other = sync_customer.apply((7, 0)).get()
-report = run_report.apply((0,)).get()
+report = sync_customer.apply((42, 0)).get()
 print(json.dumps({"key": key, "skipped": is_skipped(skipped), "holder": skipped["holder_task_id"],
                   "other": other, "report": report}))
 """
@@ -76,16 +76,16 @@ def test_the_tasks_take_their_leases_in_the_configured_store(
             done = manage(project, *command, **env)
             assert done.returncode == 0, done.stderr
 
-    # Given a sync of customer 42 running elsewhere, when the tasks run
+    # Given a report running elsewhere, when the tasks run
     ran = manage(project, "shell", "-c", SCRIPT, **env)
     assert ran.returncode == 0, ran.stderr
     out = json.loads(ran.stdout.strip().splitlines()[-1])
 
-    # Then customer 42's run is skipped, naming the holder; the others run with a fence
-    assert out["key"] == "reports.tasks.sync_customer:customer_id=42"
+    # Then the report is skipped, naming the holder; the syncs run with a fence
+    assert out["key"] == "reports.tasks.run_report"
     assert out["skipped"] is True and out["holder"] == "elsewhere"
     assert out["other"]["customer_id"] == 7 and out["other"]["fence"] > 0
-    assert out["report"]["report"] == "done"
+    assert out["report"]["customer_id"] == 42 and out["report"]["fence"] > 0
 
     # ... and manage.py exclusive sees (and releases) the lease left held in that store
     listed = manage(project, "exclusive", "list", "--json", **env)

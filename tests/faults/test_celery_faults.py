@@ -34,6 +34,7 @@ from celery_exclusive.celery import is_skipped
 from celery_exclusive.celery.config import store_for
 
 from .. import celery_app as ca
+from .. import celery_corners as cc
 from ..conftest import SLOW, unavailable
 from ..history import check_history
 from ..integration.conftest import CeleryEnv
@@ -293,6 +294,34 @@ def test_redelivered_copy_runs_once_whatever_the_result_backend_holds(
     check_ran_once(lane, result.id, deliveries, settled)
     if name == "late_failing":
         assert result.state == "FAILURE"  # the skipped copies stored nothing over it
+
+
+def test_a_long_task_redelivered_many_times_never_fails_nor_runs_again(lane: Lane) -> None:
+    # Given an acks_late task of 16 s whose redelivered copies give up waiting after 2 s
+    # (2 x ttl) and go back to the queue: more often than Celery's default max_retries of 3
+    worker = lane.worker(concurrency=3)
+    n = new_customer()
+    result = lane.send(cc.late_short_wait, n, tag=lane.tag, duration=16.0)
+    seen: list[str] = []
+
+    def ended() -> bool:
+        state = result.state
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        return bool(state in ("SUCCESS", "FAILURE"))
+
+    wait_until(ended, 60, "the task to end", step=0.05)
+    deliveries, settled = settle(
+        lane, [worker], result.id, cc.late_short_wait.exclusive_key((n,)), timeout=30
+    )
+    assert deliveries >= 2, f"kombu never redelivered {result.id}: this test proves nothing"
+    # Then no copy ever stored a failure (MaxRetriesExceededError), the result is the run's,
+    # and the body ran once
+    assert "FAILURE" not in seen, (seen, worker.output()[-6000:])
+    assert result.get(timeout=1) == n
+    started = [x.decode() for x in cc.notes().lrange(cc.note_key(lane.tag, "started"), 0, -1)]
+    assert started == [result.id], f"{len(started)} runs for {deliveries} deliveries"
+    assert settled
 
 
 def test_redelivered_copy_does_not_run_again_when_the_result_is_stored_late(

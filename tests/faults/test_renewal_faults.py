@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 import pytest
 
-from celery_exclusive import Lease, Store, connect, events
+from celery_exclusive import Lease, LeaseLost, Store, connect, events
 from celery_exclusive.renewal import Renewer
 
 from ..forks import reap, run_forked
@@ -198,6 +198,39 @@ def test_a_lease_on_a_hung_store_is_reported_lost_before_the_store_could_free_it
     finally:
         events.lease_lost.disconnect(receiver)
         lease.detach()
+        store.close()
+
+
+@pytest.mark.parametrize("url_fixture", ["redis_url", "memory"])
+def test_reaching_max_hold_is_a_lost_lease_reported_before_the_store_frees_it(
+    request: pytest.FixtureRequest, url_fixture: str, prefix: str
+) -> None:
+    url = "memory://" if url_fixture == "memory" else str(request.getfixturevalue(url_fixture))
+    store = connect(url, prefix=prefix)
+    lost = LostLog()
+    held_when_lost: list[int] = []
+
+    def on_lost(lease: Lease, reason: str) -> None:
+        held_when_lost.append(len(store.holders(lease.key)))
+        lost(lease, reason)
+
+    # Given a renewed lease that may be held for 1.5 s at most
+    lease = store.lease("K", ttl=1.0, max_hold=1.5, on_lost=on_lost)
+    try:
+        assert lease.acquire()
+        granted_at = time.monotonic()
+        # Then once max_hold has passed it is reported lost (log, lease_lost, on_lost): it is
+        # not left to expire silently while its holder goes on
+        wait_until(lost.event.is_set, 1.5 + 1.0 + MARGIN, "the lease to be reported lost")
+        assert "max_hold" in lost.reasons[0], lost.reasons
+        assert lost.at[0] - granted_at >= 1.5 - 0.05
+        assert not lease.held
+        # while the store still held it: nobody else could have taken it yet
+        assert held_when_lost == [1]
+        with pytest.raises(LeaseLost, match="max_hold"):
+            lease.ensure_held()
+    finally:
+        lease.release()
         store.close()
 
 

@@ -14,7 +14,13 @@ import redis
 from celery import Celery
 from celery.signals import before_task_publish
 
-from celery_exclusive import AlreadyQueued, ConfigurationError, KeyArgumentError, connect
+from celery_exclusive import (
+    AlreadyQueued,
+    AlreadyRunning,
+    ConfigurationError,
+    KeyArgumentError,
+    connect,
+)
 from celery_exclusive.celery import ExclusiveTask, exclusive, is_skipped
 from celery_exclusive.celery import signals as cex_signals
 from celery_exclusive.celery.config import reset, store_for
@@ -100,6 +106,29 @@ def test_until_done_is_kept_across_eager_retries_and_freed_at_the_end(app: Celer
     _, _, flaky = make_tasks(app)
     assert flaky.delay(3).get() == 2
     assert list(store_for(app).leases()) == []
+
+
+@pytest.mark.parametrize("on_conflict", ["raise", "wait"])
+def test_an_eager_run_that_cannot_start_frees_its_enqueue_lease(
+    app: Celery, on_conflict: str
+) -> None:
+    @app.task(
+        base=ExclusiveTask,
+        exclusive={"key": ["n"], "hold": "queued_and_running", "wait_timeout": 0.2},
+        lazy=False,
+    )
+    def both(n: int) -> int:
+        return n
+
+    key = both.exclusive_key((8,))
+    # Given the run key held elsewhere (a worker running this customer)
+    with store_for(app).lease(key, ttl=30):
+        # When an eager call cannot start (it raises, or gives up waiting)
+        result = both.apply_async((8,), exclusive={"on_conflict": on_conflict})
+        if on_conflict == "raise":
+            assert isinstance(result.result, AlreadyRunning), result.result
+        # Then its enqueue lease is not left behind for queue_ttl
+        assert store_for(app).holders(key + "@queued") == []
 
 
 def test_a_switch_turns_locking_off(app: Celery) -> None:

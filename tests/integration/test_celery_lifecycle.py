@@ -249,16 +249,18 @@ def test_no_lease_left_after_the_run_ends(name: str, worker: Worker, celery_env:
 def test_revoking_a_counted_down_task_frees_its_enqueue_lease(
     worker: Worker, celery_env: CeleryEnv
 ) -> None:
-    # Given import_queued(11) (hold=queued) published with a 3 s countdown
+    # Given import_queued(11) (hold=queued) published with a 60 s countdown, which the worker
+    # has received (it keeps such a message in memory until it is due)
     tag = celery_env.tag()
     queued_key = ca.import_queued.exclusive_key((11,), {"tag": tag}) + "@queued"
-    first = ca.import_queued.apply_async((11,), {"tag": tag}, countdown=3)
+    first = ca.import_queued.apply_async((11,), {"tag": tag}, countdown=60)
     duplicate = ca.import_queued.delay(11, tag=tag)
     assert duplicate.id == first.id
     assert holder_ids(queued_key) == [first.id]
-    # When it is revoked before its countdown ends
+    wait_until(lambda: f"[{first.id}] received" in worker.output(), 10, "the worker to get it")
+    # When it is revoked long before its countdown ends
     first.revoke()
-    # Then once the worker meets the revoked message, the enqueue lease is released
+    # Then the enqueue lease is released at once, not when the message falls due
     wait_free(queued_key, 10)
     wait_until(lambda: first.state == "REVOKED", 5, "the task to be REVOKED")
     # and a new call is a new task, and it runs (the revoked one never did)

@@ -2,9 +2,14 @@
 
 ``task_revoked`` fires in the main worker process when a worker meets a revoked message (or
 terminates a running task): the enqueue lease of the task is released there, and a run lease
-that a terminated child could not release is released by its task id. A revoked message that
-no worker ever pulls keeps its enqueue lease until ``queue_ttl`` runs out (Celery sends nothing
-for it).
+that a terminated child could not release is released by its task id.
+
+A message with an ETA or countdown sits in the memory of the worker that fetched it until it is
+due, and Celery sends ``task_revoked`` for it only then: its enqueue lease would keep the key
+until the ETA. So the worker's ``revoke`` remote-control command is wrapped (once, at
+``worker_init``): after Celery's own revoke, the leases of the revoked tasks this worker holds
+scheduled are released at once. A revoked message that no worker has fetched keeps its enqueue
+lease until ``queue_ttl`` runs out (Celery sends nothing for it).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 from celery import signals
 
 from ..exceptions import ExclusiveError
+from ..releasing import get_releaser
 from .config import store_for
 from .task import ExclusiveTask, _enqueue_key, _header
 
@@ -55,5 +61,36 @@ def release_after_run(sender: Any = None, task_id: Any = None, task: Any = None,
         task._release(lease, str(task_id), key)
 
 
+def release_scheduled_on_revoke(**_: Any) -> None:
+    """Wrap the worker's ``revoke`` command to free the leases of scheduled (ETA) tasks."""
+    from celery.utils.functional import maybe_list
+    from celery.worker import control
+    from celery.worker import state as worker_state
+
+    original = control.Panel.data.get("revoke")
+    if original is None or getattr(original, "celery_exclusive", False):
+        return
+
+    def revoke(state: Any, task_id: Any, *args: Any, **kwargs: Any) -> Any:
+        reply = original(state, task_id, *args, **kwargs)
+        ids = set(maybe_list(task_id) or [])
+        for scheduled in tuple(worker_state.scheduled_requests):
+            if scheduled.id in ids:
+                release_on_revoke(sender=scheduled.task, request=scheduled._context)
+        return reply
+
+    revoke.celery_exclusive = True  # type: ignore[attr-defined]
+    revoke.__doc__ = original.__doc__
+    control.Panel.data["revoke"] = revoke
+
+
+def flush_releases(**_: Any) -> None:
+    """At a worker (or pool child) shutdown, try once more every release that failed."""
+    get_releaser().flush()
+
+
 signals.task_revoked.connect(release_on_revoke, weak=False)
+signals.worker_init.connect(release_scheduled_on_revoke, weak=False)
+signals.worker_process_shutdown.connect(flush_releases, weak=False)
+signals.worker_shutdown.connect(flush_releases, weak=False)
 signals.task_postrun.connect(release_after_run, weak=False)

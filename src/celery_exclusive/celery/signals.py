@@ -4,10 +4,13 @@ Every signal is sent with the task as ``sender`` and keyword arguments::
 
     exclusive_acquired   task_id, key, lease           a run took its lease
     exclusive_conflict   task_id, key, holder, action  a run found the key held (action:
-                                                        skip, raise, retry, wait, redelivered)
+                                                        skip, raise, retry, wait, redelivered,
+                                                        requeue: a pending copy goes back)
     exclusive_duplicate  key, existing_task_id, action  apply_async found a copy queued
     exclusive_lost       task_id, key, reason           a running task's lease was lost
     exclusive_released   task_id, key, released         a run gave its lease back
+    exclusive_store_error  task_id, key, error, action  the store failed as a run started
+                                                        (action: retry or fail)
 
 ::
 
@@ -28,6 +31,7 @@ __all__ = [
     "exclusive_duplicate",
     "exclusive_lost",
     "exclusive_released",
+    "exclusive_store_error",
 ]
 
 exclusive_acquired = Signal(name="exclusive_acquired", providing_args={"task_id", "key", "lease"})
@@ -40,4 +44,7 @@ exclusive_duplicate = Signal(
 exclusive_lost = Signal(name="exclusive_lost", providing_args={"task_id", "key", "reason"})
 exclusive_released = Signal(
     name="exclusive_released", providing_args={"task_id", "key", "released"}
+)
+exclusive_store_error = Signal(
+    name="exclusive_store_error", providing_args={"task_id", "key", "error", "action"}
 )

@@ -32,6 +32,7 @@ import inspect
 import json
 import logging
 import secrets
+import sys
 import threading
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -52,6 +53,7 @@ from ..exceptions import (
 from ..keys import KeyBuilder
 from ..lease import Lease
 from ..options import RUN_HOLDS, TaskOptions
+from ..releasing import get_releaser, release_later
 from ..store import Store
 from . import signals
 from .config import settings_for, store_for
@@ -156,6 +158,14 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         before anything is published, so a bad argument fails here with nothing sent.
         """
         overrides = options.pop(HEADER, None)
+        headers = dict(options.get("headers") or {})
+        value = headers.get(HEADER)
+        carried: Mapping[str, Any] = value if isinstance(value, Mapping) else {}
+        # A retry (Celery's, or the library's own going back to the queue) continues a call
+        # already accepted: it keeps that call's options, and is never dropped as a duplicate.
+        again = bool(options.get("retries") or carried.get("requeued"))
+        if overrides is None and again:
+            overrides = carried.get("opts") or None
         if overrides is not None and callable(
             overrides.get("key") if isinstance(overrides, Mapping) else None
         ):
@@ -167,8 +177,9 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             )
         opts = self._options(overrides)
         key = self.exclusive_key(args, kwargs, overrides)
-        headers = dict(options.get("headers") or {})
         headers[HEADER] = {"key": key, "opts": dict(overrides or {})}
+        if carried.get("requeued"):
+            headers[HEADER]["requeued"] = carried["requeued"]
         options["headers"] = headers
         if not opts.locks_at_enqueue:
             return super().apply_async(
@@ -184,7 +195,6 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             )
 
         task_id = task_id or uuid()
-        retry = bool(options.get("retries"))
         meta: dict[str, Any] = {"task_id": task_id, "task_name": self.name, "state": "queued"}
         if opts.on_duplicate == "keep_last":
             meta["call"] = _call_record(self.name, args, kwargs)
@@ -200,8 +210,17 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         if current is not None and current.key == lease.key:
             # the retry message owns it now (the acquire below gives it the queue's ttl)
             _hand_back(current, task_id)
-        acquired = lease.acquire()
-        if not acquired and not retry:
+        if again:
+            # The same owner takes the key again: a release of it still queued is void.
+            get_releaser().cancel(lease.backend, lease.key, task_id)
+            try:
+                acquired = lease.acquire()
+            except BackendError:
+                logger.warning("could not renew the enqueue lease of %s for its retry", key)
+                acquired = False
+        else:
+            acquired = lease.acquire()
+        if not acquired and not again:
             if opts.on_duplicate == "replace":
                 acquired = self._replace(key, lease)
             elif opts.on_duplicate == "keep_last":
@@ -218,7 +237,7 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
             )
         except BaseException:
-            if acquired and not retry:
+            if acquired and not again:
                 lease.release()  # nothing left behind when publishing fails
             raise
 
@@ -304,9 +323,18 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             if skipped.ignore:
                 raise Ignore() from None  # Celery stores nothing for this run
             return skipped.value
+        except Retry:
+            raise  # the retry is this task id again: it keeps the enqueue lease
+        except BaseException:
+            # No run will come of this message (a conflict that raises, retries given up, a
+            # store error): its enqueue lease must not keep the key for queue_ttl.
+            self._release_enqueue_lease(store, key, opts, task_id)
+            raise
         call = self._release_enqueue_lease(store, key, opts, task_id)
         if call is not None:  # keep_last: run with the newest arguments handed to us
             args, kwargs = tuple(call.get("args") or ()), dict(call.get("kwargs") or {})
+            # ... and so does a retry(), which republishes the request's arguments
+            request.args, request.kwargs = list(args), kwargs
         if lease is None:
             return super().__call__(*args, **kwargs)
 
@@ -338,7 +366,8 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             raise
         finally:
             request._exclusive_lease = None
-            if ended and self.acks_late and not request.is_eager:
+            redeliverable = (self.acks_late or request.eta) and not request.is_eager
+            if ended and redeliverable:
                 self._mark_done(lease, key, task_id)
             if retrying and opts.hold == "until_done":
                 _hand_back(lease, task_id)  # kept for the retry (apply_async did it already)
@@ -353,7 +382,10 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
     def _take_run_lease(
         self, store: Store, key: str, opts: TaskOptions, task_id: str, request: Any, abort: _Abort
     ) -> Lease | None:
-        """Take the lease a run holds (None when ``hold`` has none); raise _Skipped to skip."""
+        """Take the lease a run holds (None when ``hold`` has none); raise _Skipped to skip.
+
+        Never returns or raises with the lease held, except by returning it.
+        """
         if opts.hold not in RUN_HOLDS and opts.hold != "until_done":
             return None
         # Each delivery is its own owner, so a redelivered copy of a running task is refused
@@ -374,18 +406,22 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             max_hold=opts.max_hold or _time_limit(self, request),
             on_lost=lambda _lease, reason: self._lost(task_id, key, reason, abort),
         )
-        if opts.hold == "until_done" and not _hand_over(store, lease, task_id):
-            lease.token = task_id  # a store without hand-over: one owner per task id, as before
-        waited_for_own_copy = self._acquire_for_run(lease, key, opts, task_id)
-        redelivered = (getattr(request, "delivery_info", None) or {}).get("redelivered")
-        if self.acks_late and (redelivered or request.retries or waited_for_own_copy):
-            try:
+        try:
+            if opts.hold == "until_done" and not _hand_over(store, lease, task_id):
+                lease.token = task_id  # a store without hand-over: one owner per task id
+            waited_for_own_copy = self._acquire_for_run(lease, key, opts, task_id)
+            if waited_for_own_copy or _may_have_run(request):
                 self._skip_if_done(lease, key, task_id)
-            except _Skipped:
-                raise
-            except BaseException:
+        except BaseException as exc:
+            if lease.held:
                 self._release(lease, task_id, key)  # never keep a key for a run that won't come
-                raise
+            elif isinstance(exc, BackendError):
+                # The acquire may have reached the store and been granted with its reply lost
+                # (a store that stalled, then answered): free what this token may hold.
+                release_later(lease.backend, lease.key, lease.token, lease.ttl)
+            if isinstance(exc, BackendError):
+                raise self._store_failed(key, opts, task_id, exc) from exc
+            raise
         return lease
 
     def _acquire_for_run(self, lease: Lease, key: str, opts: TaskOptions, task_id: str) -> bool:
@@ -394,30 +430,35 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         Return True when the key was held by another delivery of this task id (a redelivered
         message), which this one waited for.
         """
-        keep_last = opts.on_duplicate == "keep_last"
-        wait = opts.on_conflict == "wait" or keep_last
+        conflict = opts.conflict
+        wait = conflict == "wait" or opts.on_duplicate == "keep_last"
         if lease.acquire(blocking=wait, timeout=opts.wait_timeout if wait else None):
             return False
-        if keep_last and (lease.holder or {}).get("task_id") != task_id:
-            # The pending copy keeps its slot (and the newest arguments) while it retries.
-            raise self.retry(
-                countdown=min(opts.retry_countdown, opts.retry_max_countdown), max_retries=None
-            )
         holder = lease.holder or {}
         if holder.get("task_id") == task_id:
             self._redelivered(lease, key, opts, task_id)
             return True
-        action = opts.on_conflict
+        if opts.pending_waits and not self.request.is_eager:
+            # The pending copy keeps its place (its enqueue lease, and keep_last's newest
+            # arguments) until the running one ends: back to the queue, as often as it takes.
+            # (An eager run has no queue to go back to: it gives up as "wait" does, below.)
+            signals.exclusive_conflict.send(
+                sender=self, task_id=task_id, key=key, holder=holder, action="requeue"
+            )
+            raise self._requeue(
+                min(opts.retry_countdown, opts.retry_max_countdown),
+                f"pending: {key!r} is held by task {holder.get('task_id')}",
+            )
         signals.exclusive_conflict.send(
-            sender=self, task_id=task_id, key=key, holder=holder, action=action
+            sender=self, task_id=task_id, key=key, holder=holder, action=conflict
         )
         message = (
             f"{self.name} is already running for {key!r} (held by task {holder.get('task_id')})"
         )
-        if action == "skip":
+        if conflict == "skip":
             logger.info("%s: skipped", message)
             raise _Skipped(_skip_record(key, holder))
-        if action == "retry":
+        if conflict == "retry":
             countdown = min(
                 opts.retry_countdown * opts.retry_backoff ** (self.request.retries or 0),
                 opts.retry_max_countdown,
@@ -427,12 +468,16 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
                 max_retries=opts.max_retries,
                 exc=AlreadyRunning(message, key=key, holder=holder),
             )
-        if action == "wait":
+        if conflict == "wait":
             message += f"; gave up after waiting {opts.wait_timeout:g} s"
         raise AlreadyRunning(message, key=key, holder=holder)
 
     def _redelivered(self, lease: Lease, key: str, opts: TaskOptions, task_id: str) -> None:
-        """The broker delivered this task id again while a copy of it holds the key."""
+        """The broker delivered this task id again while a copy of it holds the key.
+
+        Wait for that copy to end; if it runs on, go back to the queue (freeing this worker
+        slot) as often as it takes: the copy that comes back checks the done mark first.
+        """
         signals.exclusive_conflict.send(
             sender=self, task_id=task_id, key=key, holder=lease.holder, action="redelivered"
         )
@@ -443,8 +488,50 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             key,
         )
         if not lease.acquire(blocking=True, timeout=max(opts.wait_timeout, opts.ttl * 2)):
-            countdown = min(opts.retry_countdown, opts.retry_max_countdown)
-            raise self.retry(countdown=countdown, max_retries=None)
+            raise self._requeue(
+                min(opts.retry_countdown, opts.retry_max_countdown),
+                f"another delivery of this task id still holds {key!r}",
+            )
+
+    def _requeue(self, countdown: float, reason: str, exc: BaseException | None = None) -> Retry:
+        """Publish this task id again in ``countdown`` s; return the Retry to raise.
+
+        The library's own going back to the queue, unlimited and not counted in
+        ``request.retries``: Celery's ``retry(max_retries=None)`` means the task's own limit
+        (3 by default), and counting ours would spend the user's retries. The message carries
+        the call's key and options, and how often it went back (``requeued`` in the header),
+        which also tells the copy that comes back to check the done mark.
+        """
+        request = self.request
+        logger.info(
+            "%s[%s] back to the queue in %g s: %s", self.name, request.id, countdown, reason
+        )
+        header = _header(request)
+        header["requeued"] = int(header.get("requeued") or 0) + 1
+        headers = {**(request.headers or {}), HEADER: header}
+        signature = self.signature_from_request(request, countdown=countdown, headers=headers)
+        signature.apply_async()
+        return Retry(reason, exc=exc, when=countdown, sig=signature)
+
+    def _store_failed(self, key: str, opts: TaskOptions, task_id: str, exc: BackendError) -> Any:
+        """The store failed as the run started: return what to raise (``on_store_error``)."""
+        action = opts.on_store_error
+        signals.exclusive_store_error.send(
+            sender=self, task_id=task_id, key=key, error=exc, action=action
+        )
+        if action == "fail" or self.request.is_eager:  # an eager run has no queue to go back to
+            logger.error("%s[%s] could not reach the lease store: %s", self.name, task_id, exc)
+            return exc
+        tries = int(_header(self.request).get("requeued") or 0)
+        countdown = min(opts.retry_countdown * opts.retry_backoff**tries, opts.retry_max_countdown)
+        logger.warning(
+            "%s[%s] could not reach the lease store (%s): trying again in %g s",
+            self.name,
+            task_id,
+            exc,
+            countdown,
+        )
+        return self._requeue(countdown, "the lease store could not be reached", exc=exc)
 
     def _skip_if_done(self, lease: Lease, key: str, task_id: str) -> None:
         """Another copy of this task id ran to its end: release the key and skip the run.
@@ -487,7 +574,10 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
     def _release_enqueue_lease(
         self, store: Store, key: str, opts: TaskOptions, task_id: str
     ) -> dict[str, Any] | None:
-        """Give back the enqueue lease at the start of a run; return keep_last's newest call."""
+        """Give back the enqueue lease at the start of a run; return keep_last's newest call.
+
+        A release that fails is tried again in the background (see ``releasing``).
+        """
         if opts.hold not in ("queued", "queued_and_running"):
             return None
         enqueue_key = _enqueue_key(key, opts)
@@ -497,7 +587,12 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
                 return None
             taken = store.backend.take(enqueue_key, task_id)
         except BackendError:
-            logger.warning("could not release the enqueue lease of %s", key, exc_info=True)
+            logger.warning(
+                "could not release the enqueue lease of %s now: trying again in the background",
+                key,
+                exc_info=True,
+            )
+            release_later(store.backend, enqueue_key, task_id, settings_for(self.app).queue_ttl)
             return None
         call = json.loads(taken).get("call") if taken else None
         return call if isinstance(call, dict) else None
@@ -507,8 +602,9 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             released = lease.release()
         except BackendError:
             logger.warning(
-                "releasing %r failed; it expires within %s s", key, lease.ttl, exc_info=True
+                "releasing %r failed: trying again in the background", key, exc_info=True
             )
+            release_later(lease.backend, lease.key, lease.token, lease.ttl)
             released = False
         signals.exclusive_released.send(sender=self, task_id=task_id, key=key, released=released)
 
@@ -526,29 +622,40 @@ class _LeaseLostAbort(BaseException):
 
 
 class _Abort:
-    """Interrupt the thread that armed it, once, while armed.
+    """Interrupt the thread (or greenlet) that armed it, once, while armed.
 
-    Timeline it guards: the renewal thread finds the lease gone and fires; the task thread
-    gets _LeaseLostAbort at its next bytecode. If the body ended first, disarm() has already
-    run and firing does nothing; if firing raced with the end of the body, disarm() clears the
-    exception still pending, so it never escapes into Celery's own code.
+    Timeline it guards: the renewal thread finds the lease gone and fires; the task gets
+    _LeaseLostAbort at its next bytecode (a thread) or its next switch (a gevent greenlet). If
+    the body ended first, disarm() has already run and firing does nothing; if firing raced
+    with the end of the body, disarm() takes back the exception still pending, so it never
+    escapes into Celery's own code. Under gevent (its monkey-patched threads are greenlets,
+    which ``PyThreadState_SetAsyncExc`` cannot reach) the greenlet is sent the exception
+    through the hub.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._thread: int | None = None
+        self._greenlet: Any = None
+        self._pending: Any = None  # the hub callback that will throw into the greenlet
         self._fired = False
         self.reason = ""
 
     def arm(self) -> None:
         with self._lock:
             self._thread = threading.get_ident()
+            self._greenlet = _current_greenlet()
 
     def disarm(self) -> None:
         with self._lock:
             thread, self._thread = self._thread, None
-            if thread is not None and self._fired:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), None)
+            pending, self._pending = self._pending, None
+            if thread is None or not self._fired:
+                return
+            if pending is not None:
+                pending.stop()
+            elif self._greenlet is None:
+                _set_async_exc(thread, None)
 
     def fire(self, reason: str) -> None:
         with self._lock:
@@ -556,9 +663,44 @@ class _Abort:
                 return
             self._fired = True
             self.reason = reason
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(self._thread), ctypes.py_object(_LeaseLostAbort)
+            if self._greenlet is not None:
+                self._pending = _throw_later(self._greenlet, _LeaseLostAbort)
+                return
+            changed = _set_async_exc(self._thread, _LeaseLostAbort)
+        if changed != 1:
+            logger.error(
+                "could not interrupt the task whose lease was lost (%s): thread %s not found",
+                reason,
+                self._thread,
             )
+
+
+def _set_async_exc(thread: int, exc: type[BaseException] | None) -> int:
+    """``PyThreadState_SetAsyncExc``: 1 when done; more than 1 (never expected) is undone."""
+    obj = ctypes.py_object(exc) if exc is not None else None
+    changed = int(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), obj))
+    if changed > 1:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), None)
+    return changed
+
+
+def _current_greenlet() -> Any:
+    """The running gevent greenlet when threads are gevent's (the gevent pool), else None."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading"):
+        return None
+    import gevent
+
+    return gevent.getcurrent()
+
+
+def _throw_later(greenlet: Any, exc: type[BaseException]) -> Any:
+    """Have the gevent hub throw ``exc`` into ``greenlet``; return the cancellable callback."""
+    import gevent
+
+    loop = gevent.get_hub().loop
+    schedule = getattr(loop, "run_callback_threadsafe", loop.run_callback)
+    return schedule(greenlet.throw, exc)
 
 
 class _Skipped(Exception):
@@ -644,10 +786,17 @@ def _call_record(name: str, args: Any, kwargs: Any) -> dict[str, Any]:
 
 
 def _header(request: Any) -> dict[str, Any]:
+    """A copy of this library's message header (key, per-call options, ``requeued``)."""
     value = (getattr(request, "headers", None) or {}).get(HEADER)
     if value is None:
         value = getattr(request, HEADER, None)
-    return value if isinstance(value, dict) else {}
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _may_have_run(request: Any) -> bool:
+    """Whether another copy of this task id may have run to its end before this one."""
+    redelivered = (getattr(request, "delivery_info", None) or {}).get("redelivered")
+    return bool(redelivered or request.retries or _header(request).get("requeued"))
 
 
 def _delay(options: Mapping[str, Any]) -> float:
