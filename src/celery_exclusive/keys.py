@@ -67,6 +67,9 @@ from celery_exclusive.exceptions import ConfigurationError, KeyArgumentError
 
 __all__ = ["KeyBuilder", "canonical", "make_key"]
 
+_Piece: TypeAlias = tuple[str, str | None, str | None, str | None]
+"""One piece of a parsed format string: literal text, field name, format spec, conversion."""
+
 KeySpec: TypeAlias = Sequence[str] | str | Callable[..., object] | None
 """What selects the arguments that make up a key: see :class:`KeyBuilder`."""
 
@@ -345,7 +348,7 @@ class KeyBuilder:
                     self._kwargs_param = param.name
         self._names: tuple[str, ...] = ()
         self._format: str | None = None
-        self._parsed: tuple[tuple[str, str | None, str, str | None], ...] = ()
+        self._parsed: tuple[_Piece, ...] = ()
         self._escaped: frozenset[str] = frozenset()
         self._callable: Callable[..., object] | None = None
         if key is None:
@@ -431,9 +434,7 @@ class KeyBuilder:
             if root not in self._sig.parameters and self._kwargs_param is None:
                 raise self._unknown("format field", root)
 
-    def _check_format(
-        self, fmt: str
-    ) -> tuple[tuple[tuple[str, str | None, str, str | None], ...], frozenset[str]]:
+    def _check_format(self, fmt: str) -> tuple[tuple[_Piece, ...], frozenset[str]]:
         """Refuse a format that keys every call alike or that two calls could share.
 
         Return its parsed pieces and the characters to escape in each field's text.
@@ -589,7 +590,7 @@ class KeyBuilder:
                     field, auto = str(auto), auto + 1
                 value, _ = formatter.get_field(field, positional, fields)
                 value = formatter.convert_field(value, conversion)
-                text = formatter.format_field(value, spec)
+                text = formatter.format_field(value, spec or "")
                 pieces.append(_escape(text, self._escaped) if self._escaped else text)
         except (KeyError, IndexError, AttributeError, ValueError, TypeError) as exc:
             raise KeyArgumentError(
