@@ -161,6 +161,8 @@ def test_holder_as_dict_is_json_ready() -> None:
         ("unix://:pw@/tmp/redis.sock?db=abc", "db"),
         ("redis+sentinel://:pw@127.0.0.1:1/mymaster/abc", "db"),
         ("redis+sentinel://:pw@127.0.0.1:1/mymaster/0?bogus=1", "bogus"),
+        ("redis+sentinel://:pw@127.0.0.1:1/mymaster/0?db=1", "db"),
+        ("redis://:pw@127.0.0.1:1/0?db=1", "db"),
         ("redis+cluster://:pw@127.0.0.1:1?bogus=1", "bogus"),
         ("redis+cluster://:pw@127.0.0.1:1?socket_timeout=x", "socket_timeout"),
     ],

@@ -454,8 +454,9 @@ def parse_url(url: str) -> RedisURL:
             )
         if len(path) > 2:
             raise bad(f"expected /service/db after the hosts, not {parts.path!r}")
+        if len(path) > 1 and "db" in query:
+            raise bad("the db is given twice: in the path and as ?db=")
         db = _db(bad, path[1] if len(path) > 1 else query.pop("db", "0"))
-        query.pop("db", None)
         sentinel_password = query.pop("sentinel_password", None)
         _refuse_rest(bad, query, OWN_OPTIONS + SENTINEL_OPTIONS, "a Sentinel URL")
         return RedisURL(
