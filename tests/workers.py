@@ -35,18 +35,26 @@ class Worker:
         pool: str = "prefork",
         concurrency: int = 2,
         extra: tuple[str, ...] = (),
+        app: str = "tests.celery_app",
     ) -> None:
         self.name = f"w{uuid.uuid4().hex[:6]}@%h"
         self.env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
         self.pool = pool
         self.concurrency = concurrency
         self.extra = extra
+        self.app = app
         self.log = Path(tempfile.mkdtemp(prefix="cex-worker-")) / "worker.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> Worker:
+        self.launch()
+        wait_until(self._ready, timeout, f"worker {self.name} to be ready", step=0.05)
+        return self
+
+    def launch(self) -> Worker:
+        """Start the process without waiting for it to be ready."""
         args = [
-            sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker",
+            sys.executable, "-m", "celery", "-A", self.app, "worker",
             "-P", self.pool, "-c", str(self.concurrency), "-n", self.name,
             "-Q", self.env["CEX_QUEUE"], "-l", "INFO",
             "--without-mingle", "--without-gossip", "--without-heartbeat",
@@ -56,7 +64,6 @@ class Worker:
             self.proc = subprocess.Popen(
                 args, cwd=ROOT, env=self.env, stdout=out, stderr=out, start_new_session=True
             )
-        wait_until(self._ready, timeout, f"worker {self.name} to be ready", step=0.05)
         return self
 
     def _ready(self) -> bool:
@@ -64,6 +71,13 @@ class Worker:
         if self.proc.poll() is not None:
             raise GaveUp(f"worker exited with {self.proc.returncode}:\n{self.output()}")
         return " ready." in self.output()
+
+    def exit_code(self, timeout: float = 60) -> int:
+        """Wait for the worker to exit by itself; return its exit status."""
+        assert self.proc is not None
+        proc = self.proc
+        wait_until(lambda: proc.poll() is not None, timeout, f"worker {self.name} to exit")
+        return proc.returncode
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

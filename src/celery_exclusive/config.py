@@ -16,7 +16,7 @@ from typing import Any
 
 from .exceptions import ConfigurationError
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "check_lookup"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -61,21 +61,14 @@ class Settings:
         Names: ``url``, ``prefix``, ``enabled``, ``queue_ttl``, and ``defaults`` (a dict of
         task options); each task option may also be given alone (``exclusive_ttl``,
         ``exclusive_on_conflict``...), which wins over the same name in ``defaults``.
+        Numbers may be given as text (``"30"``; ``"none"`` for ``max_hold`` and
+        ``max_retries``), as the environment gives them. Every value is checked here: a bad
+        one raises :class:`ConfigurationError` naming each bad setting (see
+        :func:`check_lookup`).
         """
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name == "task_defaults":
-                continue
-            value = get(prefix + f.name)
-            if value is not None:
-                values[f.name] = _coerce(f.name, value)
-        defaults = dict(get(prefix + "defaults") or {})
-        from .options import TASK_OPTION_NAMES
-
-        for name in TASK_OPTION_NAMES:
-            value = get(prefix + name)
-            if value is not None:
-                defaults[name] = value
+        values, defaults, problems = _read(get, prefix)
+        if problems:
+            raise ConfigurationError("; ".join(problems))
         return cls(**values, task_defaults=defaults)
 
     @classmethod
@@ -87,6 +80,100 @@ class Settings:
     def merged(self, **overrides: Any) -> Settings:
         """Return a copy with ``overrides`` (None values ignored) applied."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def check_lookup(get: Callable[[str], Any], *, prefix: str = "exclusive_") -> list[str]:
+    """Return one message per bad setting of the lookup (empty when all are good).
+
+    Each message starts with the setting's name as the lookup spells it (``exclusive_ttl``,
+    ``CELERY_EXCLUSIVE_TTL``). A task option is judged alone here: a pair that only a task
+    can judge (``on_duplicate="replace"`` needs ``hold="queued"``, which the task may set)
+    is checked per task, when a worker starts.
+    """
+    return _read(get, prefix)[2]
+
+
+#: Task options that are seconds, counts, and those that may be None.
+_SECONDS_OPTIONS = frozenset(
+    {"ttl", "wait_timeout", "max_hold", "retry_countdown", "retry_backoff", "retry_max_countdown"}
+)
+_COUNT_OPTIONS = frozenset({"limit", "max_retries"})
+_NULLABLE_OPTIONS = frozenset({"max_hold", "max_retries"})
+
+
+def _setting(prefix: str, name: str) -> str:
+    """The name of a setting as the user wrote it (``exclusive_ttl``, ``CELERY_EXCLUSIVE_TTL``)."""
+    return (prefix + name).upper() if prefix.isupper() else prefix + name
+
+
+def _read(
+    get: Callable[[str], Any], prefix: str
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Read and check every setting: (settings fields, task defaults, problems)."""
+    from .options import TASK_OPTION_NAMES
+
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.name == "task_defaults":
+            continue
+        value = get(prefix + f.name)
+        if value is None:
+            continue
+        try:
+            values[f.name] = _coerce(f.name, value)
+            Settings(**{f.name: values[f.name]})  # the field's own checks, alone
+        except ConfigurationError as exc:
+            problems.append(f"{_setting(prefix, f.name)}: {exc}")
+    defaults: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    given = get(prefix + "defaults")
+    if given is not None and not isinstance(given, Mapping):
+        problems.append(
+            f"{_setting(prefix, 'defaults')} must be a dict of task options, "
+            f"not {type(given).__name__}"
+        )
+    elif given is not None:
+        for name, value in given.items():
+            defaults[name] = value
+            sources[name] = f"{_setting(prefix, 'defaults')}[{name!r}]"
+    for name in TASK_OPTION_NAMES:
+        value = get(prefix + name)
+        if value is not None:
+            defaults[name] = value
+            sources[name] = _setting(prefix, name)
+    for name in list(defaults):
+        try:
+            defaults[name] = _coerce_option(name, defaults[name])
+            _check_option(name, defaults[name])
+        except ConfigurationError as exc:
+            problems.append(f"{sources[name]}: {exc}")
+    return values, defaults, problems
+
+
+def _coerce_option(name: str, value: Any) -> Any:
+    """Read a task option given as text (from the environment, or a str setting)."""
+    if not isinstance(value, str) or not (name in _SECONDS_OPTIONS or name in _COUNT_OPTIONS):
+        return value
+    text = value.strip()
+    if name in _NULLABLE_OPTIONS and text.lower() in ("none", "null"):
+        return None
+    try:
+        return float(text) if name in _SECONDS_OPTIONS else int(text)
+    except ValueError:
+        what = "a number of seconds" if name in _SECONDS_OPTIONS else "a whole number"
+        raise ConfigurationError(f"exclusive option {name} must be {what}, not {value!r}") from None
+
+
+def _check_option(name: str, value: Any) -> None:
+    """Check one task option alone (unknown names, choices, numbers)."""
+    from .options import TaskOptions
+
+    layer = {name: value}
+    if name == "on_duplicate":
+        # 'replace' and 'keep_last' need a hold that a task may set: judge the value alone.
+        layer = {"hold": "queued_and_running", **layer}
+    TaskOptions.build(layer)
 
 
 def _coerce(name: str, value: Any) -> Any:

@@ -21,6 +21,28 @@ otherwise it is ``#`` followed by the first 32 hex digits of the SHA-256 of the 
 text. A formatted key is kept when it is at most 128 characters of
 ``[A-Za-z0-9_.@+\\-:=,"]`` and is otherwise replaced by ``#<sha>`` in the same way.
 
+When two calls share a key:
+
+* ``key=None`` and ``key=[...]``: when every selected argument has the same canonical JSON
+  (so ``1``, ``1.0``, ``True`` and ``"1"`` are four keys; a tuple and a list are one).
+* ``key="<format>"``: when every field of the format gives the same text, ``format(value,
+  spec)`` after any ``!r``/``!s`` conversion (so ``42`` and ``"42"`` share a key, and so do
+  two objects whose ``__format__`` agrees). The format must have at least one field (a format
+  without one, such as ``"customer_id"``, would key every call alike: it is refused, with
+  ``key=["customer_id"]`` or ``key="{customer_id}"`` suggested; ``key=[]`` asks for one key
+  for every call). With two or more fields, each field's text has ``%`` and every character
+  of the separators (the literal text between two fields) percent-encoded (``%XX``, the
+  UTF-8 bytes in upper-case hex), so ``"{a}-{b}"`` keys ``("1-2", "3")`` as ``1%2D2-3`` and
+  ``("1", "2-3")`` as ``1-2%2D3``. Formats where that cannot make keys unambiguous are
+  refused: two fields with nothing between them (``"{a}{b}"``), a separator that starts with
+  ``%`` or an upper-case hex digit (``0-9``, ``A-F``), and a field whose format spec holds
+  another field. A format with one field is never escaped: its text sits between a fixed
+  prefix and suffix, so ``"{customer_id}"`` with 42 is ``<name>:42``.
+* a callable: when it returns the same str, or values with the same canonical JSON.
+
+Any key part that is not made of safe characters (an escaped one never is: ``%`` is not
+safe) is shown as its hash, which changes nothing of the above.
+
 When the whole key would be longer than ``max_length`` (200 by default), everything after
 ``<name>:`` is replaced by ``#`` and the 32-hex-digit SHA-256 of the unhashed text, so keys
 stay short whatever the size of the arguments. Apart from the task name, a key only ever
@@ -45,6 +67,9 @@ from celery_exclusive.exceptions import ConfigurationError, KeyArgumentError
 
 __all__ = ["KeyBuilder", "canonical", "make_key"]
 
+_Piece: TypeAlias = tuple[str, str | None, str | None, str | None]
+"""One piece of a parsed format string: literal text, field name, format spec, conversion."""
+
 KeySpec: TypeAlias = Sequence[str] | str | Callable[..., object] | None
 """What selects the arguments that make up a key: see :class:`KeyBuilder`."""
 
@@ -61,6 +86,22 @@ _NONE = "none"
 _NAMES = "names"
 _FORMAT = "format"
 _CALLABLE = "callable"
+
+
+#: Characters an escape (``%XX``, upper-case hex) can start with or contain.
+_ESCAPE_START = frozenset("%0123456789ABCDEF")
+
+
+def _escape(text: str, chars: frozenset[str]) -> str:
+    """Percent-encode (UTF-8, upper-case hex) every character of ``text`` found in ``chars``."""
+    if not any(char in chars for char in text):
+        return text
+    return "".join(
+        "".join(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
+        if char in chars
+        else char
+        for char in text
+    )
 
 
 def _digest(text: str) -> str:
@@ -259,7 +300,9 @@ class KeyBuilder:
     * a sequence of parameter names: those arguments, in the given order. With
       ``func=None`` they must be passed as keyword arguments.
     * a str: a format string whose fields are parameter names (``"{customer_id}-{region}"``);
-      the values are formatted with ``format()``, so use scalar arguments (str, int).
+      the values are formatted with ``format()``, so use scalar arguments (str, int). It
+      needs at least one field, and a separator between any two fields that does not start
+      with ``%`` or ``0-9A-F`` (see the module docs for when two calls share a key).
     * a callable: called with the bound arguments as keyword arguments (with ``func=None``:
       with the call's own arguments); it returns a str, used like a formatted string, or
       any value :func:`canonical` accepts.
@@ -272,10 +315,12 @@ class KeyBuilder:
 
     __slots__ = (
         "_callable",
+        "_escaped",
         "_format",
         "_kwargs_param",
         "_mode",
         "_names",
+        "_parsed",
         "_sig",
         "max_length",
         "name",
@@ -303,6 +348,8 @@ class KeyBuilder:
                     self._kwargs_param = param.name
         self._names: tuple[str, ...] = ()
         self._format: str | None = None
+        self._parsed: tuple[_Piece, ...] = ()
+        self._escaped: frozenset[str] = frozenset()
         self._callable: Callable[..., object] | None = None
         if key is None:
             self._mode = _ALL
@@ -314,6 +361,7 @@ class KeyBuilder:
                     f"task {name!r}: key {key!r} is not a valid format string: {exc}"
                 ) from exc
             self._check_fields(roots)
+            self._parsed, self._escaped = self._check_format(key)
             self._format = key
             self._mode = _FORMAT
         elif isinstance(key, Sequence) and not isinstance(key, (bytes, bytearray)):
@@ -385,6 +433,58 @@ class KeyBuilder:
                 )
             if root not in self._sig.parameters and self._kwargs_param is None:
                 raise self._unknown("format field", root)
+
+    def _check_format(self, fmt: str) -> tuple[tuple[_Piece, ...], frozenset[str]]:
+        """Refuse a format that keys every call alike or that two calls could share.
+
+        Return its parsed pieces and the characters to escape in each field's text.
+        """
+        parsed = tuple(string.Formatter().parse(fmt))
+        fields = [piece for piece in parsed if piece[1] is not None]
+        if not fields:
+            root = fmt.strip()
+            example = root if root.isidentifier() else "customer_id"
+            raise ConfigurationError(
+                f"task {self.name!r}: key {fmt!r} is a format string with no {{field}}, so every"
+                f" call would get the same key; to key by an argument write key=[{example!r}]"
+                f" or key={'{' + example + '}'!r} (one key for every call, on purpose, is"
+                " key=[])"
+            )
+        for _literal, _field, spec, _conversion in fields:
+            if spec and "{" in spec:
+                raise ConfigurationError(
+                    f"task {self.name!r}: key {fmt!r} has a nested field in the format spec"
+                    f" {spec!r}; a key's format spec must be plain text"
+                )
+        if len(fields) == 1:
+            # One field between a fixed prefix and suffix: its text is the key's middle.
+            return parsed, frozenset()
+        # The literal text between two fields (parse() splits it at ``{{`` and ``}}``).
+        separators: list[str] = []
+        text: str | None = None  # None until the first field
+        for literal, field, _spec, _conversion in parsed:
+            if text is not None:
+                text += literal
+            if field is not None:
+                if text is not None:
+                    separators.append(text)
+                text = ""
+        escaped = {"%"}
+        for separator in separators:
+            if not separator:
+                raise ConfigurationError(
+                    f"task {self.name!r}: key {fmt!r} has two fields with nothing between them,"
+                    " so ('ab', 'c') and ('a', 'bc') would share a key; put a separator between"
+                    " them, as in '{a}-{b}'"
+                )
+            if separator[0] in _ESCAPE_START:
+                raise ConfigurationError(
+                    f"task {self.name!r}: key {fmt!r} has a separator {separator!r} that starts"
+                    f" with {separator[0]!r}, which could be part of an escape (%XX) in a field's"
+                    " text; start each separator with another character, as in '-' or ':'"
+                )
+            escaped.update(separator)
+        return parsed, frozenset(escaped)
 
     def _bind(self, args: Sequence[object], kwargs: Mapping[str, object]) -> dict[str, object]:
         """Return the call's arguments by parameter name, defaults applied."""
@@ -478,14 +578,26 @@ class KeyBuilder:
         else:
             positional = ()
             fields = self._fields(self._bind(args, kwargs))
+        formatter = string.Formatter()
+        pieces: list[str] = []
+        auto = 0
         try:
-            text = string.Formatter().vformat(fmt, positional, fields)
+            for literal, field, spec, conversion in self._parsed:
+                pieces.append(literal)
+                if field is None:
+                    continue
+                if field == "":
+                    field, auto = str(auto), auto + 1
+                value, _ = formatter.get_field(field, positional, fields)
+                value = formatter.convert_field(value, conversion)
+                text = formatter.format_field(value, spec or "")
+                pieces.append(_escape(text, self._escaped) if self._escaped else text)
         except (KeyError, IndexError, AttributeError, ValueError, TypeError) as exc:
             raise KeyArgumentError(
                 f"task {self.name!r}: cannot format key {fmt!r} with the call's arguments:"
                 f" {type(exc).__name__}: {exc}"
             ) from exc
-        return self._finish_text(text)
+        return self._finish_text("".join(pieces))
 
     def _build_callable(
         self, func: Callable[..., object], args: Sequence[object], kwargs: Mapping[str, object]

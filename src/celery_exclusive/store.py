@@ -29,11 +29,21 @@ from .exceptions import ConfigurationError
 from .lease import Lease
 from .renewal import Renewer, get_renewer
 
-__all__ = ["DEFAULT_TTL", "MAX_KEY_LENGTH", "Store", "connect"]
+__all__ = ["DEFAULT_TTL", "MAX_KEY_LENGTH", "SCHEMES", "Store", "connect", "validate_url"]
 
 DEFAULT_TTL = 30.0
 MAX_KEY_LENGTH = 512
 _BAD_KEY = re.compile(r"[\s{}\x00-\x1f\x7f]")
+
+_REDIS_SCHEMES = (
+    "redis", "rediss", "unix", "valkey", "valkeys",
+    "redis+sentinel", "rediss+sentinel", "sentinel",
+    "redis+cluster", "rediss+cluster",
+)  # fmt: skip
+#: Every URL scheme :func:`connect` accepts.
+SCHEMES: tuple[str, ...] = (
+    *_REDIS_SCHEMES, "postgresql", "postgres", "sqlite", "django-cache", "memory",
+)  # fmt: skip
 
 _memory_stores: dict[str, Backend] = {}
 _memory_lock = threading.Lock()
@@ -197,12 +207,7 @@ def connect(url: str | Any, *, default_ttl: float = DEFAULT_TTL, **options: Any)
         return Store(url, default_ttl=default_ttl)
     if not isinstance(url, str):
         return Store(_backend_for_client(url, options), default_ttl=default_ttl)
-    scheme, sep, rest = url.partition("://")
-    if not sep or not scheme:
-        raise ConfigurationError(
-            f"not a store URL: {url!r}; expected e.g. redis://localhost:6379/0 or memory://"
-        )
-    scheme = scheme.lower()
+    scheme, rest = _scheme(url)
     if scheme == "memory":
         from .backends.memory import MemoryBackend
 
@@ -214,11 +219,7 @@ def connect(url: str | Any, *, default_ttl: float = DEFAULT_TTL, **options: Any)
                 if name:
                     _memory_stores[name] = backend
         return Store(backend, default_ttl=default_ttl)
-    if scheme in {
-        "redis", "rediss", "unix", "valkey", "valkeys",
-        "redis+sentinel", "rediss+sentinel", "sentinel",
-        "redis+cluster", "rediss+cluster",
-    }:  # fmt: skip
+    if scheme in _REDIS_SCHEMES:
         from .backends.redis import RedisBackend
 
         if scheme.startswith("valkey"):
@@ -232,15 +233,63 @@ def connect(url: str | Any, *, default_ttl: float = DEFAULT_TTL, **options: Any)
         from .backends.sql import SQLiteBackend
 
         return Store(SQLiteBackend.from_url(url, **options), default_ttl=default_ttl)
-    if scheme == "django-cache":
-        from .backends import django_cache
+    from .backends import django_cache
 
-        return Store(django_cache.from_url(url, **options), default_ttl=default_ttl)
-    raise ConfigurationError(
-        f"unknown store scheme {scheme!r} in {url.split('@')[-1]!r}; "
-        "supported: redis, rediss, unix, redis+sentinel, redis+cluster, postgresql, postgres, "
-        "sqlite, django-cache, memory"
-    )
+    return Store(django_cache.from_url(url, **options), default_ttl=default_ttl)
+
+
+def validate_url(url: str) -> None:
+    """Check a store URL as :func:`connect` would, without connecting or building a client.
+
+    Raises :class:`ConfigurationError` for an unknown scheme, a bad db, number or path, or an
+    unknown query option, naming the option and the URL (password hidden). Whether the
+    server is reachable is not checked. For ``django-cache://`` only the URL is checked (the
+    cache alias is checked by ``manage.py check``).
+    """
+    if not isinstance(url, str):
+        raise ConfigurationError(f"a store URL must be a str, not {type(url).__name__}")
+    scheme, _ = _scheme(url)
+    if scheme in _REDIS_SCHEMES:
+        from .backends.redis import parse_url
+
+        parse_url(url)
+    elif scheme in {"postgresql", "postgres"}:
+        from .backends.sql import PostgresBackend
+
+        PostgresBackend.from_url(url)  # parses with libpq's parser; connects lazily
+    elif scheme == "sqlite":
+        from .backends.sql import SQLiteBackend
+
+        SQLiteBackend.from_url(url)  # opens the file lazily
+    elif scheme == "django-cache":
+        from .backends.django_cache import parse_url as parse_cache_url
+
+        parse_cache_url(url)
+
+
+def _scheme(url: str) -> tuple[str, str]:
+    """Return the (lower-case) scheme of a store URL and the rest; refuse unknown ones."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme:
+        raise ConfigurationError(
+            f"not a store URL: {_hide_password(url)!r}; expected e.g. redis://localhost:6379/0 "
+            "or memory://"
+        )
+    scheme = scheme.lower()
+    if scheme not in SCHEMES:
+        raise ConfigurationError(
+            f"unknown store scheme {scheme!r} in {_hide_password(url)!r}; "
+            f"supported: {', '.join(SCHEMES)}"
+        )
+    return scheme, rest
+
+
+def _hide_password(url: str) -> str:
+    """``url`` with the part before ``@`` (user and password) replaced, for messages."""
+    head, sep, tail = url.partition("://")
+    if "@" in tail.split("/", 1)[0]:
+        return f"{head}{sep}***@{tail.split('@', 1)[1]}"
+    return url
 
 
 def _backend_for_client(client: Any, options: dict[str, Any]) -> Backend:

@@ -147,3 +147,64 @@ def test_django_cache_url_parameters_are_checked() -> None:
         connect("django-cache://db?poll=0")
     with pytest.raises(ConfigurationError, match="name a cache alias"):
         connect("django-cache://")
+
+
+# -- every bad CELERY_EXCLUSIVE_* value is an error of manage.py check, not of the first task
+
+
+@pytest.mark.parametrize(
+    ("overrides", "setting"),
+    [
+        ({"CELERY_EXCLUSIVE_TTL": -1}, "CELERY_EXCLUSIVE_TTL"),
+        ({"CELERY_EXCLUSIVE_TTL": "thirty"}, "CELERY_EXCLUSIVE_TTL"),
+        ({"CELERY_EXCLUSIVE_ON_CONFLICT": "wiat"}, "CELERY_EXCLUSIVE_ON_CONFLICT"),
+        ({"CELERY_EXCLUSIVE_HOLD": "forever"}, "CELERY_EXCLUSIVE_HOLD"),
+        ({"CELERY_EXCLUSIVE_ON_DUPLICATE": "ignore"}, "CELERY_EXCLUSIVE_ON_DUPLICATE"),
+        ({"CELERY_EXCLUSIVE_LIMIT": 0}, "CELERY_EXCLUSIVE_LIMIT"),
+        ({"CELERY_EXCLUSIVE_QUEUE_TTL": 0}, "CELERY_EXCLUSIVE_QUEUE_TTL"),
+        ({"CELERY_EXCLUSIVE_DEFAULTS": {"ttl": -5}}, "CELERY_EXCLUSIVE_DEFAULTS"),
+        ({"CELERY_EXCLUSIVE_DEFAULTS": {"on_conflit": "skip"}}, "on_conflit"),
+        (
+            {"CELERY_EXCLUSIVE_CACHE": None, "CELERY_EXCLUSIVE_URL": "reddis://127.0.0.1:1/0"},
+            "reddis",
+        ),
+        (
+            {"CELERY_EXCLUSIVE_CACHE": None, "CELERY_EXCLUSIVE_URL": "redis://127.0.0.1:1/abc"},
+            "db",
+        ),
+        (
+            {
+                "CELERY_EXCLUSIVE_CACHE": None,
+                "CELERY_EXCLUSIVE_URL": "redis://:pw@127.0.0.1:1/0?socket_timeout=abc",
+            },
+            "socket_timeout",
+        ),
+        (
+            {"CELERY_EXCLUSIVE_CACHE": None, "CELERY_EXCLUSIVE_URL": "django-cache://db?poll=x"},
+            "poll",
+        ),
+    ],
+)
+def test_a_bad_setting_value_is_E004_naming_it(overrides: dict[str, object], setting: str) -> None:
+    with override_settings(CACHES={**settings.CACHES, **CACHES}, **overrides):
+        messages = check_store()
+    assert [m.id for m in messages] == ["celery_exclusive.E004"], messages
+    assert setting in messages[0].msg, messages[0].msg
+    assert ":pw@" not in messages[0].msg
+
+
+def test_each_bad_setting_is_its_own_error() -> None:
+    found = ids(CELERY_EXCLUSIVE_TTL=-1, CELERY_EXCLUSIVE_ON_CONFLICT="wiat")
+    assert found == ["celery_exclusive.E004", "celery_exclusive.E004"]
+
+
+def test_numbers_given_as_text_pass() -> None:
+    assert ids(CELERY_EXCLUSIVE_TTL="30", CELERY_EXCLUSIVE_LIMIT="2") == []
+
+
+def test_manage_py_check_fails_on_a_bad_ttl() -> None:
+    with (
+        override_settings(CELERY_EXCLUSIVE_TTL=-1),
+        pytest.raises(SystemCheckError, match="CELERY_EXCLUSIVE_TTL"),
+    ):
+        call_command("check")

@@ -589,3 +589,94 @@ def test_keys_are_short_and_printable(
     assert len(key) <= max_length
     assert is_printable_key(key)
     assert key == name or key.startswith(name + ":")
+
+
+# -- format-string keys say what they mean (a key per call, never a silent global key), and
+# two calls share a key only when every field's text is the same.
+
+
+@pytest.mark.parametrize("fmt", ["customer_id", "sync", "customer-{{id}}", ""])
+def test_a_format_string_without_fields_is_refused(fmt: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"no .*field") as info:
+        KeyBuilder("t", customer, fmt)
+    message = str(info.value)
+    assert "key=[]" in message  # how to ask for one key for every call, on purpose
+    if fmt.isidentifier():
+        assert f"['{fmt}']" in message and f"'{{{fmt}}}'" in message
+
+
+def test_format_keys_do_not_collide_when_values_contain_the_separator() -> None:
+    builder = KeyBuilder("t", two, "{a}-{b}")
+    assert builder.build(("1-2", "3")) != builder.build(("1", "2-3"))
+    percent = KeyBuilder("t", two, "{a}:{b}")
+    assert percent.build(("%3A", "x")) != percent.build((":", "x"))
+
+
+def test_single_field_format_keys_are_unchanged() -> None:
+    assert make_key("t", customer, (42,), key="{customer_id}") == "t:42"
+    assert make_key("t", customer, ("a-b",), key="cust-{customer_id}") == "t:cust-a-b"
+    assert make_key("t", customer, ("50%",), key="{customer_id}") == f"t:#{_sha('50%')}"
+    # and two-field keys of plain values read as before
+    assert make_key("t", two, (7, "eu"), key="{a}-{b}") == "t:7-eu"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "words"),
+    [
+        ("{a}{b}", "nothing between"),
+        ("x{a}{b}y", "nothing between"),
+        ("{a}%{b}", "'%'"),
+        ("{a}2{b}", "'2'"),
+        ("{a}A{b}", "'A'"),
+        ("{a}-{b:{a}}", "nested"),
+    ],
+)
+def test_ambiguous_formats_are_refused(fmt: str, words: str) -> None:
+    with pytest.raises(ConfigurationError, match=words) as info:
+        KeyBuilder("t", two, fmt)
+    assert fmt in str(info.value)
+
+
+FIELDS = ("a", "b", "c", "d")
+# Characters that make trouble: separators, the escape character, hex digits, a space.
+TEXT = st.text(alphabet="-_:%,.=|aAbF09 é", max_size=6)
+
+
+def four_texts(a: object, b: object, c: object, d: object) -> None: ...
+
+
+def refused(literals: list[str]) -> bool:
+    """The documented rule: a separator between two fields is empty or starts like %XX."""
+    return any(not sep or sep[0] in "%0123456789ABCDEF" for sep in literals[1:-1])
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    names=st.lists(st.sampled_from(FIELDS), min_size=1, max_size=4),
+    literals=st.data(),
+    values=st.data(),
+)
+def test_format_keys_are_unambiguous(names: list[str], literals: Any, values: Any) -> None:
+    # Given a random format of the fields a..d with random literals between them
+    texts = [literals.draw(TEXT) for _ in range(len(names) + 1)]
+    pairs = zip(names, texts[1:], strict=True)
+    fmt = texts[0] + "".join(f"{{{name}}}{text}" for name, text in pairs)
+    if refused(texts):
+        with pytest.raises(ConfigurationError, match=r"separat|between"):
+            KeyBuilder("t", four_texts, fmt)
+        return
+    builder = KeyBuilder("t", four_texts, fmt)
+    # When two random calls are keyed
+    used = sorted(set(names))
+    first = {f: values.draw(TEXT) for f in FIELDS}
+    second = {f: values.draw(st.sampled_from([first[f], values.draw(TEXT)])) for f in FIELDS}
+    # Then they share a key exactly when the fields the format uses are equal
+    same = all(first[f] == second[f] for f in used)
+    assert (builder.build((), first) == builder.build((), second)) == same, (fmt, first, second)
+
+
+def test_escaped_braces_are_part_of_the_separator() -> None:
+    builder = KeyBuilder("t", two, "{a}x{{y{b}")
+    assert builder.build(("1x{y2", "3")) != builder.build(("1", "2x{y3"))
+    with pytest.raises(ConfigurationError, match="nothing between"):
+        KeyBuilder("t", four, "{a}-{b}{c}")

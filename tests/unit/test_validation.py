@@ -137,3 +137,131 @@ def test_holder_as_dict_is_json_ready() -> None:
         "renewed_at": 11.0,
         "task_id": "x",
     }
+
+
+# -- store URLs: every bad part is a ConfigurationError that names the option and the URL
+# (password redacted), raised before anything connects (port 1: nothing listens there).
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("redis://:pw@127.0.0.1:1/abc", "db"),
+        ("redis://:pw@127.0.0.1:1/1/2", "db"),
+        ("redis://:pw@127.0.0.1:1/-1", "db"),
+        ("redis://:pw@127.0.0.1:1/0?db=x", "db"),
+        ("redis://:pw@127.0.0.1:1/0?socket_timeout=abc", "socket_timeout"),
+        ("redis://:pw@127.0.0.1:1/0?socket_timeout=-1", "socket_timeout"),
+        ("redis://:pw@127.0.0.1:1/0?fence_retention=abc", "fence_retention"),
+        ("redis://:pw@127.0.0.1:1/0?fence_retention=0", "fence_retention"),
+        ("redis://:pw@127.0.0.1:1/0?bogus=1", "bogus"),
+        ("redis://:pw@127.0.0.1:1/0?max_connections=many", "max_connections"),
+        ("redis://:pw@127.0.0.1:notaport/0", "port"),
+        ("valkey://:pw@127.0.0.1:1/abc", "db"),
+        ("unix://:pw@/tmp/redis.sock?db=abc", "db"),
+        ("redis+sentinel://:pw@127.0.0.1:1/mymaster/abc", "db"),
+        ("redis+sentinel://:pw@127.0.0.1:1/mymaster/0?bogus=1", "bogus"),
+        ("redis+sentinel://:pw@127.0.0.1:1/mymaster/0?db=1", "db"),
+        ("redis://:pw@127.0.0.1:1/0?db=1", "db"),
+        ("redis+cluster://:pw@127.0.0.1:1?bogus=1", "bogus"),
+        ("redis+cluster://:pw@127.0.0.1:1?socket_timeout=x", "socket_timeout"),
+    ],
+)
+def test_bad_redis_url_parts_are_configuration_errors(url: str, words: str) -> None:
+    with pytest.raises(ConfigurationError, match=words) as info:
+        connect(url)
+    message = str(info.value)
+    assert "127.0.0.1" in message or "/tmp/redis.sock" in message, message  # names the URL
+    assert "pw" not in message.replace("pwd", ""), message
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("sqlite:///x.db?fence_retention=abc", "fence_retention"),
+        ("sqlite:///x.db?busy_timeout=-1", "busy_timeout"),
+        ("sqlite:///x.db?cleanup_interval=inf", "cleanup_interval"),
+        ("postgresql://u:pw@127.0.0.1:1/db?fence_retention=abc", "fence_retention"),
+        ("postgresql://u:pw@127.0.0.1:1/db?create_tables=maybe", "create_tables"),
+    ],
+)
+def test_bad_sql_url_options_name_the_option_and_the_url(url: str, words: str) -> None:
+    with pytest.raises(ConfigurationError, match=words) as info:
+        connect(url)
+    message = str(info.value)
+    assert "x.db" in message or "127.0.0.1" in message, message
+    assert ":pw@" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("django-cache://db?poll=abc", "poll"),
+        ("django-cache://db?fence_retention=abc", "fence_retention"),
+        ("django-cache://db?poll=", "poll"),
+    ],
+)
+def test_bad_django_cache_url_options_name_the_option(url: str, words: str) -> None:
+    # Parsing fails before Django's settings are needed.
+    with pytest.raises(ConfigurationError, match=words) as info:
+        connect(url)
+    assert "django-cache://db" in str(info.value)
+
+
+def test_unknown_scheme_lists_every_scheme_connect_accepts() -> None:
+    from celery_exclusive.store import SCHEMES
+
+    with pytest.raises(ConfigurationError) as info:
+        connect("reddis://localhost:6379/0")
+    message = str(info.value)
+    for scheme in SCHEMES:
+        assert scheme in message
+    assert {"valkey", "valkeys", "sentinel", "redis+sentinel", "redis+cluster"} <= set(SCHEMES)
+    for scheme in SCHEMES:  # and every listed scheme is accepted (if not this empty URL)
+        try:
+            connect(f"{scheme}://")
+        except ConfigurationError as other:
+            assert "unknown store scheme" not in str(other)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:pw@127.0.0.1:1/3?socket_timeout=2&fence_retention=60&prefix=p",
+        "redis://127.0.0.1:1",
+        "redis://127.0.0.1:1/",
+        "rediss://127.0.0.1:1/0?ssl_cert_reqs=none",
+        "unix:///tmp/redis.sock?db=2",
+        "valkey://127.0.0.1:1/0?max_connections=5",
+        "redis+sentinel://127.0.0.1:1/mymaster/1",
+        "redis+cluster://127.0.0.1:1,127.0.0.1:2",
+        "postgresql://u:pw@127.0.0.1:1/db?sslmode=disable&table=t",
+        "sqlite:///x.db?busy_timeout=3",
+        "django-cache://db?poll=0.5",
+        "memory://",
+    ],
+)
+def test_validate_url_accepts_good_urls_without_connecting(url: str) -> None:
+    from celery_exclusive.store import validate_url
+
+    validate_url(url)  # port 1: a connection attempt would fail
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "reddis://localhost:6379/0",
+        "redis://127.0.0.1:1/abc",
+        "redis://127.0.0.1:1/0?socket_timeout=abc",
+        "redis+cluster://127.0.0.1:1?bogus=1",
+        "sqlite:///x.db?bogus=1",
+        "postgresql://127.0.0.1:1/db?fence_retention=-1",
+        "django-cache://db?poll=0",
+        "localhost:6379",
+    ],
+)
+def test_validate_url_refuses_what_connect_refuses(url: str) -> None:
+    from celery_exclusive.store import validate_url
+
+    with pytest.raises(ConfigurationError):
+        validate_url(url)

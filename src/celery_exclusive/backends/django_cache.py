@@ -56,7 +56,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .. import forking
 from ..exceptions import BackendError, ConfigurationError, LimitMismatch
@@ -254,31 +254,57 @@ def from_url(url: str, **options: Any) -> Backend:
     ``prefix`` (an option, or a query parameter) starts every store key, after the cache's
     own ``KEY_PREFIX``.
     """
+    alias, values = parse_url(url, **options)
+    return backend_for_cache(alias, **values)
+
+
+#: The query parameters (and keyword options) of a django-cache:// URL.
+URL_OPTIONS = ("prefix", "poll", "fence_retention")
+
+
+def parse_url(url: str, **options: Any) -> tuple[str, dict[str, Any]]:
+    """Parse and check a ``django-cache://`` URL (Django is not needed for this).
+
+    Returns the cache alias and the keyword arguments of :func:`backend_for_cache`; raises
+    :class:`ConfigurationError` naming the bad option and the URL.
+    """
     parts = urlsplit(url)
     alias = unquote(parts.netloc or parts.path.strip("/"))
+    shown = parts._replace(query="", fragment="").geturl()
     if not alias:
         raise ConfigurationError(f"name a cache alias: django-cache://default, not {url!r}")
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    unknown = set(query) - {"prefix", "poll", "fence_retention"}
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    unknown = set(query) - set(URL_OPTIONS)
     if unknown:
         raise ConfigurationError(
-            f"unknown django-cache:// parameter(s) {sorted(unknown)}; known: prefix, poll, "
-            "fence_retention"
+            f"unknown django-cache:// parameter(s) {sorted(unknown)} in {shown!r}; known: "
+            + ", ".join(URL_OPTIONS)
         )
-    try:
-        poll = float(query.get("poll", options.pop("poll", DEFAULT_POLL)))
-        retention = float(
-            query.get("fence_retention", options.pop("fence_retention", DEFAULT_FENCE_RETENTION))
-        )
-    except ValueError as exc:
-        raise ConfigurationError(f"invalid number in {url!r}: {exc}") from exc
-    prefix = query.get("prefix", options.pop("prefix", "exclusive"))
-    if options:
+    extra = set(options) - set(URL_OPTIONS)
+    if extra:
         raise ConfigurationError(
-            f"django-cache:// takes no option(s) {sorted(options)}; configure the cache in "
+            f"django-cache:// takes no option(s) {sorted(extra)}; configure the cache in "
             "settings.CACHES"
         )
-    return backend_for_cache(alias, prefix=prefix, poll=poll, fence_retention=retention)
+    values: dict[str, Any] = {"prefix": query.get("prefix", options.get("prefix", "exclusive"))}
+    defaults = {"poll": DEFAULT_POLL, "fence_retention": DEFAULT_FENCE_RETENTION}
+    for name, default in defaults.items():
+        given = query.get(name, options.get(name, default))
+        try:
+            number = float(given)
+        except (TypeError, ValueError):
+            raise ConfigurationError(
+                f"django-cache:// {name} must be a number of seconds, not {given!r} (in {shown!r})"
+            ) from None
+        if not math.isfinite(number) or number <= 0:
+            raise ConfigurationError(
+                f"django-cache:// {name} must be > 0, not {given!r} (in {shown!r})"
+            )
+        values[name] = number
+    prefix = values["prefix"]
+    if not isinstance(prefix, str) or not prefix or "{" in prefix:
+        raise ConfigurationError(f"prefix must be a non-empty str without braces: {prefix!r}")
+    return alias, values
 
 
 def backend_for_cache(

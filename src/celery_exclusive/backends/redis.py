@@ -14,12 +14,14 @@ worker's. Works on Redis 6.2+ and Valkey: standalone, Sentinel and Cluster, plai
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from ..exceptions import BackendError, ConfigurationError, LimitMismatch
 from .base import (
@@ -32,7 +34,7 @@ from .base import (
     RenewRequest,
 )
 
-__all__ = ["RedisBackend"]
+__all__ = ["RedisBackend", "RedisURL", "parse_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,28 +120,28 @@ class RedisBackend(Backend):
         Sentinel: ``redis+sentinel://[:password@]host:port[,host:port...]/service/db``.
         Cluster: ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster`` for TLS).
         Query parameters ``prefix``, ``socket_timeout`` and ``fence_retention`` are ours;
-        others go to redis-py.
+        on ``redis://``, ``rediss://`` and ``unix://`` the others go to redis-py, which must
+        know them. Every part is checked first (:func:`parse_url`), before anything connects.
         """
         redis = _import_redis()
-        parts = urlsplit(url)
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        prefix = query.pop("prefix", options.pop("prefix", "exclusive"))
-        retention = float(query.pop("fence_retention", DEFAULT_FENCE_RETENTION))
-        timeout = float(query.pop("socket_timeout", DEFAULT_SOCKET_TIMEOUT))
-        desc = _redact(url)
+        parsed = parse_url(url)
+        prefix = parsed.prefix if parsed.prefix is not None else options.pop("prefix", "exclusive")
+        options.pop("prefix", None)
+        timeout = parsed.socket_timeout
+        desc = parsed.description
         kwargs: dict[str, Any] = {
             "socket_timeout": timeout,
             "socket_connect_timeout": min(timeout, 5.0),
             "health_check_interval": 30,
             **options,
         }
-        scheme = parts.scheme
+        parts = urlsplit(url)
+        scheme = parsed.scheme
         try:
-            if scheme in ("redis+sentinel", "rediss+sentinel", "sentinel"):
-                client = _sentinel_client(redis, parts, query, kwargs)
-            elif scheme in ("redis+cluster", "rediss+cluster"):
-                hosts = _hosts(parts.netloc.rpartition("@")[2], 6379)
-                nodes = [redis.cluster.ClusterNode(h, p) for h, p in hosts]
+            if scheme in _SENTINEL_SCHEMES:
+                client = _sentinel_client(parsed, kwargs)
+            elif scheme in _CLUSTER_SCHEMES:
+                nodes = [redis.cluster.ClusterNode(h, p) for h, p in parsed.hosts]
                 if parts.password:
                     kwargs["password"] = unquote(parts.password)
                 if scheme.startswith("rediss"):
@@ -147,14 +149,14 @@ class RedisBackend(Backend):
                 kwargs.pop("health_check_interval", None)
                 client = redis.cluster.RedisCluster(startup_nodes=nodes, **kwargs)
             else:
-                plain = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items()))
+                plain = parts._replace(query=urlencode(parsed.query, quote_via=quote))
                 client = redis.Redis.from_url(plain.geturl(), **kwargs)
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(f"invalid Redis URL {desc!r}: {exc}") from exc
         except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             # RedisCluster connects while it is built, to learn the slot map.
             raise BackendError(f"could not connect to {desc}: {exc}") from exc
-        return cls(client, prefix=prefix, fence_retention=retention, description=desc)
+        return cls(client, prefix=prefix, fence_retention=parsed.fence_retention, description=desc)
 
     @staticmethod
     def _client_socket_timeout(client: Any) -> float | None:
@@ -362,25 +364,204 @@ def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
     return hosts
 
 
-def _sentinel_client(redis: Any, parts: Any, query: dict[str, str], kwargs: dict[str, Any]) -> Any:
+def _sentinel_client(parsed: RedisURL, kwargs: dict[str, Any]) -> Any:
     from redis.sentinel import Sentinel
 
-    creds, _, hostlist = parts.netloc.rpartition("@")
-    password = unquote(creds.partition(":")[2]) if creds else None
-    sentinels = _hosts(hostlist, 26379)
-    path = [p for p in parts.path.split("/") if p]
-    service = query.pop("service_name", path[0] if path else "")
-    if not service:
-        raise ConfigurationError(
-            "a Sentinel URL must name the service: redis+sentinel://host:26379/mymaster/0"
-        )
-    db = int(path[1]) if len(path) > 1 else int(query.pop("db", "0"))
-    sentinel_password = query.pop("sentinel_password", None)
-    ssl = parts.scheme.startswith("rediss")
     sentinel_kwargs = {"socket_timeout": kwargs["socket_timeout"]}
-    if sentinel_password:
-        sentinel_kwargs["password"] = sentinel_password
+    if parsed.sentinel_password:
+        sentinel_kwargs["password"] = parsed.sentinel_password
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-        sentinels, sentinel_kwargs=sentinel_kwargs, ssl=ssl, **kwargs
+        parsed.hosts,
+        sentinel_kwargs=sentinel_kwargs,
+        ssl=parsed.scheme.startswith("rediss"),
+        **kwargs,
     )
-    return sentinel.master_for(service, db=db, password=password)  # type: ignore[no-untyped-call]
+    return sentinel.master_for(  # type: ignore[no-untyped-call]
+        parsed.service, db=parsed.db, password=parsed.password
+    )
+
+
+# -- URL parsing (no network) ---------------------------------------------------------------
+
+_SENTINEL_SCHEMES = frozenset({"redis+sentinel", "rediss+sentinel", "sentinel"})
+_CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
+_PLAIN_SCHEMES = frozenset({"redis", "rediss", "unix"})
+#: Query parameters the store reads itself, on every Redis scheme.
+OWN_OPTIONS = ("prefix", "socket_timeout", "fence_retention")
+#: Query parameters of a Sentinel URL besides ours.
+SENTINEL_OPTIONS = ("service_name", "db", "sentinel_password")
+
+
+@dataclass(frozen=True)
+class RedisURL:
+    """A Redis store URL, parsed and checked: nothing is connected.
+
+    ``query`` holds the parameters left for redis-py (plain schemes only), as given.
+    """
+
+    scheme: str
+    description: str
+    prefix: str | None
+    socket_timeout: float
+    fence_retention: float
+    db: int
+    hosts: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    password: str | None = None
+    sentinel_password: str | None = None
+    query: dict[str, str] = field(default_factory=dict)
+
+
+def parse_url(url: str) -> RedisURL:
+    """Parse and check a Redis store URL without connecting; raise ConfigurationError.
+
+    Every error names the bad part and the URL, with its password replaced by ``***``.
+    ``valkey://`` and ``valkeys://`` are read as ``redis://`` and ``rediss://``.
+    """
+    if url[:6].lower() == "valkey":
+        url = "redis" + url[len("valkey") :]
+    desc = _redact(url)
+
+    def bad(what: str) -> ConfigurationError:
+        return ConfigurationError(f"invalid Redis URL {desc!r}: {what}")
+
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in _PLAIN_SCHEMES | _SENTINEL_SCHEMES | _CLUSTER_SCHEMES:
+        raise bad(f"not a Redis scheme: {scheme!r}")
+    query: dict[str, str] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        query[name] = value  # the last one wins, as in redis-py
+    prefix = query.pop("prefix", None)
+    if prefix is not None and (not prefix or "{" in prefix or "}" in prefix):
+        raise bad(f"prefix must be a non-empty text without braces, not {prefix!r}")
+    timeout = _seconds_option(bad, "socket_timeout", query.pop("socket_timeout", None))
+    retention = _seconds_option(bad, "fence_retention", query.pop("fence_retention", None))
+    common: dict[str, Any] = {
+        "scheme": scheme,
+        "description": desc,
+        "prefix": prefix,
+        "socket_timeout": DEFAULT_SOCKET_TIMEOUT if timeout is None else timeout,
+        "fence_retention": DEFAULT_FENCE_RETENTION if retention is None else retention,
+    }
+    if scheme in _SENTINEL_SCHEMES:
+        creds, _, hostlist = parts.netloc.rpartition("@")
+        path = [p for p in parts.path.split("/") if p]
+        service = query.pop("service_name", path[0] if path else "")
+        if not service:
+            raise ConfigurationError(
+                "a Sentinel URL must name the service: redis+sentinel://host:26379/mymaster/0"
+            )
+        if len(path) > 2:
+            raise bad(f"expected /service/db after the hosts, not {parts.path!r}")
+        if len(path) > 1 and "db" in query:
+            raise bad("the db is given twice: in the path and as ?db=")
+        db = _db(bad, path[1] if len(path) > 1 else query.pop("db", "0"))
+        sentinel_password = query.pop("sentinel_password", None)
+        _refuse_rest(bad, query, OWN_OPTIONS + SENTINEL_OPTIONS, "a Sentinel URL")
+        return RedisURL(
+            **common,
+            db=db,
+            hosts=_checked_hosts(bad, hostlist, 26379),
+            service=service,
+            password=unquote(creds.partition(":")[2]) if creds else None,
+            sentinel_password=sentinel_password,
+        )
+    if scheme in _CLUSTER_SCHEMES:
+        if parts.path.strip("/"):
+            raise bad("a Redis Cluster has only db 0: give no path after the hosts")
+        _refuse_rest(bad, query, OWN_OPTIONS, "a Redis Cluster URL")
+        hosts = _checked_hosts(bad, parts.netloc.rpartition("@")[2], 6379)
+        return RedisURL(**common, db=0, hosts=hosts)
+    if scheme == "unix":
+        if not parts.path:
+            raise bad("a unix:// URL needs the socket path: unix:///run/redis.sock")
+        db_text = query.get("db", "0")
+    else:
+        try:
+            parts.port  # noqa: B018  (read for its check: a port that is not a number)
+        except ValueError as exc:
+            raise bad(f"bad port: {exc}") from None
+        if not parts.hostname:
+            raise bad("no host")
+        db_path = parts.path.strip("/") if parts.path not in ("", "/") else ""
+        if db_path and "db" in query:
+            raise bad("the db is given twice: in the path and as ?db=")
+        db_text = query.get("db", db_path or "0")
+    db = _db(bad, db_text)
+    _check_redis_py_options(bad, query, scheme)
+    return RedisURL(**common, db=db, query=query)
+
+
+def _checked_hosts(bad: Any, netloc: str, default_port: int) -> tuple[tuple[str, int], ...]:
+    try:
+        return tuple(_hosts(netloc, default_port))
+    except ConfigurationError as exc:
+        raise bad(str(exc)) from None
+
+
+def _db(bad: Any, text: str) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise bad(f"db must be a number >= 0 (as in redis://host:6379/0), not {text!r}")
+    return int(text)
+
+
+def _seconds_option(bad: Any, name: str, text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise bad(f"{name} must be a number of seconds, not {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise bad(f"{name} must be a number of seconds > 0, not {text!r}")
+    return value
+
+
+def _refuse_rest(bad: Any, query: dict[str, str], known: tuple[str, ...], where: str) -> None:
+    if query:
+        raise bad(
+            f"unknown option(s) {', '.join(sorted(query))} for {where} (known: "
+            f"{', '.join(known)}); pass redis-py options as keyword arguments to connect()"
+        )
+
+
+def _check_redis_py_options(bad: Any, query: dict[str, str], scheme: str) -> None:
+    """Refuse a query parameter redis-py does not know, or whose value it cannot read.
+
+    redis-py passes unknown ones on to the connection class, which fails with a TypeError
+    only when it first connects, inside a running task.
+    """
+    if not query:
+        return
+    redis = _import_redis()
+    from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+    connection_class = {
+        "rediss": redis.SSLConnection,
+        "unix": redis.UnixDomainSocketConnection,
+    }.get(scheme, redis.Connection)
+    known = set(URL_QUERY_ARGUMENT_PARSERS) - {"timeout"}  # timeout: BlockingConnectionPool's
+    for klass in (*connection_class.__mro__, redis.ConnectionPool):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for param in inspect.signature(init).parameters.values():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                known.add(param.name)
+    known -= {"self", "host", "port", "path", "username", "password", "connection_class"}
+    unknown = sorted(set(query) - known)
+    if unknown:
+        raise bad(
+            f"unknown option(s) {', '.join(unknown)}: neither the store's "
+            f"({', '.join(OWN_OPTIONS)}) nor redis-py's"
+        )
+    parsers: dict[str, Any] = URL_QUERY_ARGUMENT_PARSERS
+    for name, value in query.items():
+        parser = parsers.get(name)
+        if parser is None:
+            continue
+        try:
+            parser(value)
+        except (TypeError, ValueError):
+            raise bad(f"{name} has an invalid value {value!r}") from None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
+import math
 import os
 import re
 import select
@@ -586,9 +587,18 @@ def _float_option(name: str, value: object) -> float:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ConfigurationError(f"{name} must be a number, not {value!r}") from None
-    if not number > 0:
+    if not number > 0 or not math.isfinite(number):
         raise ConfigurationError(f"{name} must be > 0, not {value!r}")
     return number
+
+
+@contextlib.contextmanager
+def _naming(description: str) -> Iterator[None]:
+    """Add the store's (redacted) URL to the ConfigurationError of a bad option."""
+    try:
+        yield
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{exc} (in the store URL {description!r})") from None
 
 
 def _glob_prefix(match: str | None) -> str:
@@ -1005,9 +1015,11 @@ class PostgresBackend(_SQLBackend):
         base = url.split("#", 1)[0].split("?", 1)[0]
         plain = base + ("?" + urlencode(rest, quote_via=quote) if rest else "")
         listen_url = settings.pop("listen_url", None)
+        with _naming(_redact(url)):
+            shared = _shared_options(settings)
         return cls(
             plain,
-            **_shared_options(settings),
+            **shared,
             listen_conninfo=str(listen_url) if listen_url else None,
             description=_redact(url),
         )
@@ -1362,12 +1374,10 @@ class SQLiteBackend(_SQLBackend):
             raise ConfigurationError(
                 f"unknown SQLite store option(s) {sorted(unknown)}; known: {sorted(ours)}"
             )
-        return cls(
-            path,
-            **_shared_options(settings),
-            busy_timeout=_float_option("busy_timeout", settings.get("busy_timeout", 10.0)),
-            description=f"{scheme}:///{path}",
-        )
+        with _naming(f"{scheme}:///{path}"):
+            shared = _shared_options(settings)
+            busy_timeout = _float_option("busy_timeout", settings.get("busy_timeout", 10.0))
+        return cls(path, **shared, busy_timeout=busy_timeout, description=f"{scheme}:///{path}")
 
     # -- connection -----------------------------------------------------------------------
 

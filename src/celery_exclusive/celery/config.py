@@ -15,7 +15,7 @@ from ..config import Settings
 from ..exceptions import ConfigurationError
 from ..store import Store, connect
 
-__all__ = ["settings_for", "store_for"]
+__all__ = ["find_url", "settings_for", "store_for"]
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "sentinel://", "unix://")
 
@@ -33,7 +33,7 @@ def store_for(app: Any) -> Store:
     pid, _, settings, store = _entry(app)
     if store is not None:
         return store
-    url = settings.url or _fallback_url(app)
+    url = settings.url or find_url(app)
     if url is None:
         raise ConfigurationError(
             "celery-exclusive needs a shared store: set exclusive_url (CELERY_EXCLUSIVE_URL in "
@@ -69,7 +69,8 @@ def _entry(app: Any) -> tuple[int, Any, Settings, Store | None]:
         return entry
 
 
-def _fallback_url(app: Any) -> str | None:
+def find_url(app: Any) -> str | None:
+    """Return the store URL ``app`` falls back on: its Redis result backend, else broker."""
     for name in ("result_backend", "broker_url"):
         value = app.conf.get(name)
         if isinstance(value, str) and value.startswith(_REDIS_SCHEMES):

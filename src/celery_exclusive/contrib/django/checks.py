@@ -9,7 +9,11 @@ error, and a check must not hang a deploy on the network.
 ``celery_exclusive.E002``  no store at all
 ``celery_exclusive.E003``  a cache that is not supported (unknown alias or class, ``PyLibMCCache``,
                            django-redis ``ShardClient``)
-``celery_exclusive.E004``  an invalid setting (unknown URL scheme, two stores, a bad value)
+``celery_exclusive.E004``  an invalid setting, one error per setting: a bad value of
+                           ``CELERY_EXCLUSIVE_TTL``, ``_ON_CONFLICT``, ``_HOLD``, ``_QUEUE_TTL``,
+                           ``_DEFAULTS``, ... (the Celery worker would refuse to start), a store
+                           URL with an unknown scheme, a bad db, number or query option, two
+                           stores
 ``celery_exclusive.E005``  ``CELERY_EXCLUSIVE_DATABASE`` names a database that cannot hold the
                            leases (not PostgreSQL or SQLite, unknown alias, in-memory SQLite, no
                            psycopg 3)
@@ -26,27 +30,33 @@ from typing import Any
 from django.core import checks
 
 from ...backends.django_cache import inspect_cache
+from ...config import check_lookup
 from ...exceptions import ConfigurationError
-from .conf import UnsupportedDatabase, cache_alias, database_alias, django_settings, store_url
+from ...store import SCHEMES, validate_url
+from .conf import (
+    UnsupportedDatabase,
+    _lookup,
+    cache_alias,
+    database_alias,
+    django_settings,
+    store_url,
+)
 
 __all__ = ["check_store"]
 
 #: URL schemes ``connect()`` knows (checked without importing or connecting anything).
-KNOWN_SCHEMES = frozenset(
-    {
-        "redis", "rediss", "unix", "valkey", "valkeys",
-        "redis+sentinel", "rediss+sentinel", "sentinel",
-        "redis+cluster", "rediss+cluster",
-        "postgresql", "postgres", "sqlite",
-        "django-cache", "memory",
-    }
-)  # fmt: skip
+KNOWN_SCHEMES = frozenset(SCHEMES)
 
 _STORE_HINT = (
     "Set CELERY_EXCLUSIVE_URL to a store every web and worker process can reach "
     "(redis://host:6379/0, postgresql://...), CELERY_EXCLUSIVE_CACHE to a Redis, database "
     "or Memcached cache alias, or CELERY_EXCLUSIVE_DATABASE to a PostgreSQL or SQLite "
     "DATABASES alias."
+)
+
+_VALUE_HINT = (
+    "See the task options in docs/celery.md; numbers may be given as numbers or as text "
+    '("30"). A Celery worker refuses to start with this setting.'
 )
 
 _DATABASE_HINT = (
@@ -59,6 +69,11 @@ _DATABASE_HINT = (
 @checks.register("celery_exclusive")
 def check_store(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Check the celery-exclusive settings, statically."""
+    problems = check_lookup(_lookup, prefix="CELERY_EXCLUSIVE_")
+    if problems:
+        return [
+            _error("E004", f"Invalid celery-exclusive setting {p}.", _VALUE_HINT) for p in problems
+        ]
     try:
         settings = django_settings()
         alias = cache_alias()
@@ -118,6 +133,10 @@ def check_store(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
                 id="celery_exclusive.W001",
             )
         ]
+    try:
+        validate_url(url)  # parses only: nothing is connected
+    except ConfigurationError as exc:
+        return [_error("E004", f"CELERY_EXCLUSIVE_URL: {exc}", _STORE_HINT)]
     if scheme == "django-cache":
         cache = alias or rest.partition("?")[0].strip("/")
         support = inspect_cache(cache)

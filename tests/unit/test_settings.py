@@ -1,0 +1,78 @@
+"""Settings from a Celery app, Django or the environment: bad values fail when read, naming the
+setting, and numbers given as text (the environment has nothing else) are read as numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from celery_exclusive import ConfigurationError
+from celery_exclusive.config import Settings, check_lookup
+
+
+def lookup(**values: Any) -> Any:
+    return lambda name: values.get(name)
+
+
+@pytest.mark.parametrize(
+    ("values", "setting"),
+    [
+        ({"exclusive_ttl": -1}, "exclusive_ttl"),
+        ({"exclusive_on_conflict": "wiat"}, "exclusive_on_conflict"),
+        ({"exclusive_hold": "forever"}, "exclusive_hold"),
+        ({"exclusive_limit": 0}, "exclusive_limit"),
+        ({"exclusive_ttl": "abc"}, "exclusive_ttl"),
+        ({"exclusive_queue_ttl": "soon"}, "exclusive_queue_ttl"),
+        ({"exclusive_defaults": {"ttl": 0}}, "exclusive_defaults"),
+        ({"exclusive_defaults": {"tll": 5}}, "exclusive_defaults"),
+        ({"exclusive_defaults": "ttl=5"}, "exclusive_defaults"),
+        ({"exclusive_prefix": ""}, "exclusive_prefix"),
+    ],
+)
+def test_a_bad_app_setting_fails_when_read_and_names_the_setting(
+    values: dict[str, Any], setting: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=setting):
+        Settings.from_lookup(lookup(**values))
+    assert [p for p in check_lookup(lookup(**values)) if setting in p]
+
+
+def test_every_bad_setting_is_reported_at_once() -> None:
+    problems = check_lookup(
+        lookup(exclusive_ttl=-1, exclusive_on_conflict="wiat", exclusive_queue_ttl=0)
+    )
+    assert len(problems) == 3, problems
+
+
+def test_a_pair_that_only_a_task_can_judge_is_not_refused_here() -> None:
+    # on_duplicate="replace" needs hold="queued": a task may well set it itself.
+    settings = Settings.from_lookup(lookup(exclusive_on_duplicate="replace"))
+    assert settings.task_defaults == {"on_duplicate": "replace"}
+
+
+def test_numbers_from_the_environment_are_numbers() -> None:
+    env = {
+        "CELERY_EXCLUSIVE_TTL": "30",
+        "CELERY_EXCLUSIVE_LIMIT": "2",
+        "CELERY_EXCLUSIVE_MAX_HOLD": "none",
+        "CELERY_EXCLUSIVE_RETRY_BACKOFF": "1.5",
+        "CELERY_EXCLUSIVE_QUEUE_TTL": "60",
+    }
+    settings = Settings.from_env(env)
+    assert settings.task_defaults == {
+        "ttl": 30.0,
+        "limit": 2,
+        "max_hold": None,
+        "retry_backoff": 1.5,
+    }
+    assert settings.queue_ttl == 60.0
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("TTL", "thirty"), ("LIMIT", "1.5"), ("TTL", "-1"), ("MAX_RETRIES", "many"), ("TTL", "nan")],
+)
+def test_bad_numbers_from_the_environment_name_the_variable(name: str, text: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"CELERY_EXCLUSIVE_{name}"):
+        Settings.from_env({f"CELERY_EXCLUSIVE_{name}": text})
