@@ -97,6 +97,8 @@ MARGIN = 0.06
 CHILD_DEADLINE = 15.0
 
 EXAMPLES = Path(__file__).with_name("examples")
+#: CELERY_EXCLUSIVE_MODEL_SAVE=1 lets a local run store the failing examples it finds.
+SAVE_EXAMPLES = bool(os.environ.get("CELERY_EXCLUSIVE_MODEL_SAVE"))
 MISMATCH = hasattr(exceptions, "LimitMismatch") or bool(
     os.environ.get("CELERY_EXCLUSIVE_MODEL_MISMATCH")
 )
@@ -1045,7 +1047,9 @@ def _settings(kind: str) -> settings:
         max_examples=25 if SLOW else 4,
         stateful_step_count=40 if SLOW else 14,
         deadline=None,
-        database=ReadOnlyDatabase(database) if IN_CI else database,
+        # Read-only unless asked: hypothesis prunes stored examples that pass on replay, and
+        # the stored ones are kept in git as regression cases.
+        database=database if SAVE_EXAMPLES and not IN_CI else ReadOnlyDatabase(database),
         report_multiple_bugs=False,
         suppress_health_check=list(HealthCheck),
     )
