@@ -76,3 +76,25 @@ def test_numbers_from_the_environment_are_numbers() -> None:
 def test_bad_numbers_from_the_environment_name_the_variable(name: str, text: str) -> None:
     with pytest.raises(ConfigurationError, match=f"CELERY_EXCLUSIVE_{name}"):
         Settings.from_env({f"CELERY_EXCLUSIVE_{name}": text})
+
+
+def test_abort_on_the_eventlet_pool_is_refused_at_worker_start() -> None:
+    from celery import Celery
+
+    from celery_exclusive.celery import ExclusiveTask
+    from celery_exclusive.celery.startup import _pool_name, check_app
+
+    app = Celery("abort-pools", broker="memory://", backend="cache+memory://")
+    app.conf.exclusive_url = "memory://"
+
+    @app.task(base=ExclusiveTask, exclusive={"key": [], "on_lock_lost": "abort"}, lazy=False)
+    def guarded() -> None: ...
+
+    # eventlet greenlets cannot be interrupted by this library: say so before any task runs
+    problems = check_app(app, "eventlet")
+    assert len(problems) == 1 and "eventlet" in problems[0] and "guarded" in problems[0]
+    for pool in ("prefork", "threads", "solo", "gevent", None):
+        assert check_app(app, pool) == []
+    assert _pool_name(type("TaskPool", (), {"__module__": "celery.concurrency.eventlet"})) == (
+        "eventlet"
+    )

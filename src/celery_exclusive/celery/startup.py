@@ -9,7 +9,9 @@ it consumes anything:
 * the options of every registered :class:`ExclusiveTask`, merged with those defaults, and its
   key against its signature;
 * the store URL (scheme, db, numbers, query options), parsed without connecting; and that
-  there is a store at all when a task needs one.
+  there is a store at all when a task needs one;
+* that no task asks for ``on_lock_lost="abort"`` on the eventlet pool, where a task cannot be
+  interrupted (its greenlets are not threads, and only gevent's are handled).
 
 Why a bootstep, and not a plain ``worker_init`` handler: Celery catches and logs an exception
 raised by a signal handler and starts the worker anyway. An exception raised by a bootstep's
@@ -41,10 +43,11 @@ __all__ = ["CheckConfiguration", "check_app", "validate_app"]
 logger = logging.getLogger(__name__)
 
 
-def check_app(app: Any) -> list[str]:
+def check_app(app: Any, pool: str | None = None) -> list[str]:
     """Return one message per configuration problem of ``app`` (empty when all is well).
 
-    Reads settings and task options only; nothing is connected.
+    Reads settings and task options only; nothing is connected. ``pool`` is the worker pool's
+    name when known (``prefork``, ``threads``, ``gevent``, ``eventlet``, ``solo``).
     """
     problems = check_lookup(app.conf.get)  # one message per bad setting
     protected = [task for _, task in sorted(app.tasks.items()) if isinstance(task, ExclusiveTask)]
@@ -56,6 +59,12 @@ def check_app(app: Any) -> list[str]:
                 _key_builder(type(task), options.key, task.name)
             except ConfigurationError as exc:
                 problems.append(f"task {task.name!r}: {exc}")
+                continue
+            if pool == "eventlet" and options.on_lock_lost == "abort":
+                problems.append(
+                    f"task {task.name!r}: on_lock_lost='abort' cannot interrupt a task on the "
+                    "eventlet pool; use prefork, threads, solo or gevent, or on_lock_lost='warn'"
+                )
     given = app.conf.get("exclusive_url")
     url = given or find_url(app)
     enabled = settings.enabled if settings is not None else True
@@ -73,9 +82,9 @@ def check_app(app: Any) -> list[str]:
     return problems
 
 
-def validate_app(app: Any) -> None:
+def validate_app(app: Any, pool: str | None = None) -> None:
     """Raise :class:`ConfigurationError` listing every configuration problem of ``app``."""
-    problems = check_app(app)
+    problems = check_app(app, pool)
     if problems:
         raise ConfigurationError(
             "celery-exclusive is misconfigured: " + "; ".join(problems) + " (see docs/celery.md)"
@@ -90,10 +99,19 @@ class CheckConfiguration(bootsteps.StartStopStep):  # type: ignore[misc]  # Cele
     def start(self, parent: Any) -> None:
         """Check the app's configuration; a ConfigurationError stops the worker (status 1)."""
         try:
-            validate_app(parent.app)
+            validate_app(parent.app, _pool_name(getattr(parent, "pool_cls", None)))
         except ConfigurationError as exc:
             logger.critical("%s; the worker does not start", exc)
             raise
+
+
+def _pool_name(pool_cls: Any) -> str | None:
+    """``celery.concurrency.eventlet.TaskPool`` -> ``eventlet`` (None when unknown)."""
+    module = getattr(pool_cls, "__module__", None) or (
+        pool_cls if isinstance(pool_cls, str) else ""
+    )
+    name = str(module).rsplit(".", 1)[-1]
+    return name or None
 
 
 def add_check_step(sender: Any = None, **_: Any) -> None:
