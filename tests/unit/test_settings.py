@@ -78,12 +78,17 @@ def test_bad_numbers_from_the_environment_name_the_variable(name: str, text: str
         Settings.from_env({f"CELERY_EXCLUSIVE_{name}": text})
 
 
-def test_abort_on_the_eventlet_pool_is_refused_at_worker_start() -> None:
+def test_abort_on_the_eventlet_pool_is_refused_at_worker_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import celery._state
     from celery import Celery
 
     from celery_exclusive.celery import ExclusiveTask
     from celery_exclusive.celery.startup import _pool_name, check_app
 
+    # This app alone: not the shared tasks other tests define (some on purpose with bad options)
+    monkeypatch.setattr(celery._state, "_on_app_finalizers", set())
     app = Celery("abort-pools", broker="memory://", backend="cache+memory://")
     app.conf.exclusive_url = "memory://"
 

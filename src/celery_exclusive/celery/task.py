@@ -219,7 +219,14 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
                 logger.warning("could not renew the enqueue lease of %s for its retry", key)
                 acquired = False
         else:
-            acquired = lease.acquire()
+            try:
+                acquired = lease.acquire()
+            except BackendError:
+                # The request may have reached the store and been granted with its reply lost:
+                # free what this task id may hold once the store answers (the caller gets the
+                # error and nothing is published, so nothing else would ever release it).
+                release_later(lease.backend, lease.key, task_id, lease.ttl)
+                raise
         if not acquired and not again:
             if opts.on_duplicate == "replace":
                 acquired = self._replace(key, lease)
