@@ -270,4 +270,3 @@ def test_abort_interrupts_the_task_on_every_pool(servers: Servers, pool: str) ->
         assert isinstance(error, LeaseLost), (error, w.output()[-4000:])
         assert elapsed < 6, elapsed
         assert client.llen(ca.history_key(tag) + ":finished") == 0
-
