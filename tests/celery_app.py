@@ -14,6 +14,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -60,15 +61,20 @@ def configure(
     app._local = threading.local()
 
 
-if os.environ.get("CEX_BROKER_URL"):
+def configure_from(env: Mapping[str, str]) -> None:
+    """Point the app at the servers named by a worker environment (see tests.workers)."""
     configure(
-        os.environ["CEX_BROKER_URL"],
-        os.environ["CEX_RESULT_URL"],
-        os.environ["CEX_STORE_URL"],
-        os.environ["CEX_PREFIX"],
-        os.environ["CEX_QUEUE"],
-        float(os.environ.get("CEX_VISIBILITY") or 0) or None,
+        env["CEX_BROKER_URL"],
+        env["CEX_RESULT_URL"],
+        env["CEX_STORE_URL"],
+        env["CEX_PREFIX"],
+        env["CEX_QUEUE"],
+        float(env.get("CEX_VISIBILITY") or 0) or None,
     )
+
+
+if os.environ.get("CEX_BROKER_URL"):
+    configure_from(os.environ)
 
 if os.environ.get("CEX_BEAT_TAG"):
     # celery beat fires beat_job every second; the job takes three (see the policy tests).

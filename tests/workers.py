@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,17 @@ class Worker:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def shown_if_failed(request: Any, worker: Worker, tail: int = 10000) -> Iterator[Worker]:
+    """Print the end of ``worker``'s log when a test failed while it ran (pytest shows it)."""
+    failed_before = request.session.testsfailed
+    try:
+        yield worker
+    finally:
+        if request.session.testsfailed > failed_before:
+            print(worker.output()[-tail:])
 
 
 def worker_env(

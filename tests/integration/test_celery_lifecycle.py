@@ -22,7 +22,7 @@ from celery_exclusive.celery.config import store_for
 from .. import celery_app as ca
 from ..history import check_history
 from ..servers import wait_until
-from ..workers import Worker, wait_for
+from ..workers import Worker, shown_if_failed, wait_for
 from .conftest import CeleryEnv
 
 # A safety net only: each test is meant to take a few seconds (the first also starts the worker).
@@ -31,14 +31,8 @@ pytestmark = pytest.mark.timeout(40)
 
 @pytest.fixture(scope="module")
 def worker(request: pytest.FixtureRequest, celery_env: CeleryEnv) -> Iterator[Worker]:
-    w = celery_env.worker(pool="prefork", concurrency=3).start()
-    failed_before = request.session.testsfailed
-    try:
+    with celery_env.worker(pool="prefork", concurrency=3) as w, shown_if_failed(request, w):
         yield w
-    finally:
-        w.stop()
-        if request.session.testsfailed > failed_before:
-            print(w.output()[-8000:])
 
 
 # -- helpers ------------------------------------------------------------------------------
