@@ -801,9 +801,14 @@ def _header(request: Any) -> dict[str, Any]:
 
 
 def _may_have_run(request: Any) -> bool:
-    """Whether another copy of this task id may have run to its end before this one."""
+    """Whether another copy of this task id may have run to its end before this one.
+
+    A redelivered message, a retry, the library's own requeue; and any message with an ETA or
+    countdown: the worker holds it unacked until it is due, so the broker may have handed it
+    to another worker too after ``visibility_timeout`` (not always flagged as redelivered).
+    """
     redelivered = (getattr(request, "delivery_info", None) or {}).get("redelivered")
-    return bool(redelivered or request.retries or _header(request).get("requeued"))
+    return bool(redelivered or request.retries or request.eta or _header(request).get("requeued"))
 
 
 def _delay(options: Mapping[str, Any]) -> float:
