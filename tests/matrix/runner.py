@@ -441,6 +441,9 @@ class CaseRun:
         elif outcome in ("kill_worker", "term_worker"):
             self.point("kill")
             self.point("restart")
+        elif fault == "renewal" and c["hold"] not in RUN_LEASE_HOLDS:
+            self.point("down")  # no lease while it runs (queued, period): nothing to lose
+            self.point("up")
         elif fault == "renewal":
             self.point("down")
             try:
@@ -556,9 +559,16 @@ class CaseRun:
         return [self.key, self.key + "@queued", self.key + "@period"]
 
     def held(self) -> dict[str, Any]:
+        """Held keys of the case, each with its holders named by call label (or task id)."""
         store = store_for(self.g.app)
-        return {k: [h.meta.get("task_id") for h in store.holders(k)] for k in self.keys()
-                if store.holders(k)}  # fmt: skip
+        names = {c.task_id: c.label.upper() for c in self.calls.values()}
+        out = {}
+        for k in self.keys():
+            holders = store.holders(k)
+            if holders:
+                ids = [str(h.meta.get("task_id")) for h in holders]
+                out[k.rsplit(":", 1)[-1]] = [names.get(i, i) for i in ids]
+        return out
 
     def wait_free(self, timeout: float) -> None:
         wait_until(lambda: not self.held(), timeout, f"{self.key} to be free", 0.1)
@@ -594,7 +604,7 @@ class CaseRun:
                 if again:
                     self.out.fail("I4", f"task {e['id']} ran its body again after it returned")
         # I5 (the renewal fault): logged too
-        if c["fault"] == "renewal":
+        if c["fault"] == "renewal" and c["hold"] in RUN_LEASE_HOLDS:
             a = self.calls.get("a")
             if a and c["on_lock_lost"] == "abort":
                 statuses = [e["status"] for e in self.ends(a.task_id)]

