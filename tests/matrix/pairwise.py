@@ -42,8 +42,13 @@ def all_pairs(
     seed: int = 0,
     candidates: int = 24,
     prefer: Callable[[Row], int] | None = None,
+    seeds: Sequence[Mapping[str, Any]] = (),
 ) -> list[Row]:
-    """Rows covering every valid pair of values (see the module docs)."""
+    """Rows covering every valid pair of values (see the module docs).
+
+    ``seeds``: partial rows that must appear (each completed with the values that cover the
+    most pairs): interactions of more than two values worth a case of their own.
+    """
     names = list(dims)
     pool = full_product(dims, valid)
     uncovered: set[tuple[str, Any, str, Any]] = set()
@@ -51,6 +56,13 @@ def all_pairs(
         uncovered |= _pairs(row, names)
     rng = random.Random(seed)
     rows: list[Row] = []
+    for partial in seeds:
+        matching = [r for r in pool if all(r[k] == v for k, v in partial.items())]
+        if not matching:
+            raise ValueError(f"no valid row matches the seed {dict(partial)!r}")
+        best = max(matching, key=lambda r: len(_pairs(r, names) & uncovered))
+        rows.append(best)
+        uncovered -= _pairs(best, names)
     # Each round adds one row covering at least one uncovered pair: bounded by len(uncovered).
     for _ in range(len(uncovered) + 1):
         if not uncovered:

@@ -66,6 +66,8 @@ def test_lifecycle_matrix(broker: RedisServer) -> None:
     if os.environ.get("CEXM_TABLE"):
         with open(os.environ["CEXM_TABLE"], "w") as out:
             out.write(f"{len(outcomes)} cases in {len(runs)} groups, {elapsed:.0f} s\n\n{table}")
+    for o in sorted(outcomes, key=lambda o: o.case["id"]):
+        print(describe(o))
     failed = [o for o in outcomes if o.violations]
     for o in failed:
         print(f"--- worker log of {o.case['id']} (last lines naming its task ids)")
