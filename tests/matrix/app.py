@@ -41,6 +41,8 @@ TTL = 3.0
 GATE_MAX = 45.0
 JOB = "tests.matrix.app.job"
 JOB_AUTO = "tests.matrix.app.job_auto"
+#: ``job`` with hold="until_done" as a task option, not per call (tests/matrix/test_found_...).
+JOB_UNTIL_DONE = "tests.matrix.app.job_until_done"
 
 
 def make_app(env: Mapping[str, str] | None) -> Celery:
@@ -55,6 +57,8 @@ def make_app(env: Mapping[str, str] | None) -> Celery:
         name=JOB_AUTO, autoretry_for=(ValueError,), max_retries=2, default_retry_delay=0.3,
         **common,
     )(job)  # fmt: skip
+    app.task(name=JOB_UNTIL_DONE, bind=True, base=ExclusiveTask,
+             exclusive={"key": ["case"], "ttl": TTL, "hold": "until_done"})(job)  # fmt: skip
     return app
 
 

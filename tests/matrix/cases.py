@@ -75,8 +75,9 @@ EXPECTED = {
     "soft_limit": "The body ends with SoftTimeLimitExceeded (FAILURE); its run counts as ended.",
     "hard_limit / kill_child": (
         "prefork only. No Python runs in the child: the body is owed nothing (Celery stores "
-        "WorkerLostError / TimeLimitExceeded and acks, also with acks_late, since "
-        "task_reject_on_worker_lost is off); the key is free within ttl of the death."
+        "WorkerLostError / TimeLimitExceeded). With acks_late the message was seen delivered "
+        "again after visibility_timeout and run again: allowed (not owed), and it must wait "
+        "for the dead copy's lease, not overlap. The key is free within ttl of the death."
     ),
     "kill_worker / term_worker": (
         "With acks_late the message is redelivered to the restarted worker and the body is "

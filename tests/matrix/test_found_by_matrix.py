@@ -114,3 +114,41 @@ def test_redelivered_eta_copy_does_not_run_again_after_success_without_acks_late
         f"written and checked only for acks_late tasks)\n{log[-3000:]}"
     )
     app.close()
+
+
+def test_retry_while_the_store_is_down_is_not_lost(
+    servers: tuple[RedisServer, RedisServer],
+) -> None:
+    # Given a task with hold="until_done" (a task option), running, whose body will call
+    # self.retry() once it is let go
+    broker, store = servers
+    env = env_for(broker, store)
+    app = mapp.make_app(env)
+    case = uuid.uuid4().hex[:8]
+    hist = mapp.history(env["CEXM_HISTORY"])
+    with MatrixWorker(env, pool="solo", concurrency=1) as worker:
+        result = app.tasks[mapp.JOB_UNTIL_DONE].apply_async(
+            (case,), {"mode": "retry", "gate": True}, queue=env["CEXM_QUEUE"]
+        )
+        wait_until(lambda: events(env, case), 20, "the body to start")
+
+        # When the lease store goes down, the body retries meanwhile, and the store comes back
+        store.kill()
+        hist.set(f"gate:{case}", 1)
+        ended = tuple(f"[{result.id}] {word}" for word in ("retry", "reject", "raised"))
+        wait_until(lambda: any(e in worker.output() for e in ended), 20, "the first run to end")
+        store.start()
+
+        # Then the retry runs once the store is back ("a retry is never dropped")
+        try:
+            wait_until(
+                lambda: any(e["ev"] == "start" and e["retries"] == 1 for e in events(env, case)),
+                20, "the retry to run",
+            )  # fmt: skip
+        except TimeoutError:
+            raise AssertionError(
+                "the retry was lost: apply_async of the retry raised BackendError (the "
+                "enqueue lease could not be taken), and Celery turns a failed retry publish "
+                f"into Reject(requeue=False)\n{worker.output()[-3000:]}"
+            ) from None
+    app.close()
