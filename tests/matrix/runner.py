@@ -301,6 +301,11 @@ class CaseRun:
         """Worker log lines about ``task_id`` itself (not those naming it as a holder)."""
         return [line for line in self.g.logs().splitlines() if f"[{task_id}]" in line]
 
+    def mentioned(self, task_id: str, *texts: str) -> bool:
+        """Whether a log line names ``task_id`` anywhere with one of ``texts``."""
+        lines = self.g.logs().splitlines()
+        return any(task_id in ln and any(t in ln for t in texts) for ln in lines)
+
     def logged(self, task_id: str, *texts: str) -> bool:
         return any(t in line for line in self.log_lines(task_id) for t in texts)
 
@@ -436,7 +441,7 @@ class CaseRun:
                     wait_until(lambda: self.logged(b.task_id, "received"), 10, "B received")
         if outcome == "revoke_terminate":
             self.g.app.control.revoke(a.task_id, terminate=True)
-            wait_until(lambda: self.logged(a.task_id, "Terminating", "revoked"), 15,
+            wait_until(lambda: self.mentioned(a.task_id, "Terminating", "revoked"), 15,
                        "the worker to terminate A")  # fmt: skip
         elif outcome == "kill_child":
             os.kill(int(start["pid"]), signal.SIGKILL)
