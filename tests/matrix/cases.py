@@ -68,8 +68,9 @@ EXPECTED = {
     "revoke_queued": (
         "A revoked copy waiting on its countdown/ETA never runs; its enqueue lease is freed "
         "when the revoke reaches the worker holding the message (docs: 'the worker that meets "
-        "the revoked message releases its enqueue lease'), so a fresh call is accepted within "
-        "a few seconds, long before the 8 s countdown ends."
+        "the revoked message releases its enqueue lease'), so the key is free within "
+        "a moment, before its 3.5 s countdown ends (shorter than the 4 s visibility timeout, "
+        "so no redelivery meets the revoke first)."
     ),
     "revoke_terminate": "prefork and gevent only; the body is owed nothing; the key is freed.",
     "soft_limit": "The body ends with SoftTimeLimitExceeded (FAILURE); its run counts as ended.",
@@ -170,7 +171,7 @@ SEEDS = (
      "fault": "none", "timing": "countdown"},
     # queued_and_running with the default on_conflict: a copy queued while one runs
     {"hold": "queued_and_running", "on_conflict": "skip", "on_duplicate": "return_existing",
-     "outcome": "ok", "fault": "none", "timing": "now"},
+     "outcome": "ok", "fault": "none", "timing": "now", "pool": "prefork"},
     # on_lock_lost=abort on every pool
     *({"on_lock_lost": "abort", "fault": "renewal", "pool": p} for p in DIMS["pool"]),
 )  # fmt: skip

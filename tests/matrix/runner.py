@@ -23,6 +23,7 @@ Judged per case, from the recorded history, the worker logs and the store:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -126,6 +127,7 @@ class Call:
     mode: str
     returned: str | None = None  # the id apply_async returned (None: it returned None)
     refused: str = ""  # the exception apply_async raised
+    at: float = 0.0  # monotonic time apply_async returned
 
     @property
     def published(self) -> bool:
@@ -338,6 +340,7 @@ class CaseRun:
             call.refused = f"{type(exc).__name__}({exc})"
         else:
             call.returned = None if result is None else str(result.id)
+        call.at = time.monotonic()
         return call
 
     def wait_started(self, call: Call, timeout: float) -> dict[str, Any]:
@@ -378,6 +381,8 @@ class CaseRun:
         outcome, fault, timing = c["outcome"], c["fault"], c["timing"]
         own = ("exception", "retry", "autoretry", "ignore", "reject")
         mode = outcome if outcome in own else "ok"
+        # B retries too: a keep_last hand-over must survive the retry of the copy it reached
+        b_mode = mode if mode in ("retry", "autoretry") else "ok"
         solo = 3 if self.g.pool == "solo" else 1
         if fault in ("enqueue", "start"):
             if fault == "enqueue":
@@ -425,7 +430,7 @@ class CaseRun:
             self.settle()
             return
         if fault == "none" and timing != "now" and outcome not in ("kill_worker", "term_worker"):
-            self.publish("b", "ok", gate=False)  # meets A while A is queued
+            self.publish("b", b_mode, gate=False)  # meets A while A is queued
         # A may never start: replaced, handed over or skipped because of B
         wait_until(lambda: self.starts(a.task_id) or self.policy_excuse(a), 30 * solo,
                    "A to start (or be excused by the policy)", 0.05)  # fmt: skip
@@ -435,7 +440,7 @@ class CaseRun:
             return
         start = self.starts(a.task_id)[0]
         if fault == "none" and timing == "now" and outcome not in ("kill_worker", "term_worker"):
-            b = self.publish("b", "ok", gate=False)  # meets A while A runs
+            b = self.publish("b", b_mode, gate=False)  # meets A while A runs
             if b.published and self.g.pool != "solo":
                 with contextlib.suppress(TimeoutError):
                     wait_until(lambda: self.logged(b.task_id, "received"), 10, "B received")
@@ -606,6 +611,12 @@ class CaseRun:
                 check_history(intervals)
             except AssertionError as exc:
                 self.out.fail("I1", str(exc)[:300])
+        if c["hold"] == "period":  # one accepted call per ttl (C comes after the key is free)
+            accepted = sorted(x.at for x in self.calls.values() if x.published and x.label != "c")
+            for first, second in itertools.pairwise(accepted):
+                if second - first < mapp.TTL - 0.2:
+                    self.out.fail("I1", f"two calls accepted {second - first:.1f} s apart "
+                                  f"within one period ({mapp.TTL:g} s)")  # fmt: skip
         # I4
         events = self.events()
         for e in events:

@@ -28,7 +28,7 @@ if os.environ.get("CEXM_ONLY"):
     CASES = [c for c in CASES if c["id"] in _only]
 GROUPS = groups(CASES)
 
-pytestmark = pytest.mark.timeout(1800 if SLOW else 300)
+pytestmark = pytest.mark.timeout(5400 if SLOW else 400)
 
 
 #: Groups (worker configurations) run side by side, each with its own worker and store.
@@ -60,6 +60,11 @@ def test_lifecycle_matrix(broker: RedisServer) -> None:
                 outcomes += future.result()
             except Exception as exc:  # a group that could not run at all (no worker...)
                 crashed.append(f"{_gid((group.pool, group.acks_late, group.backend))}: {exc!r}")
+            if os.environ.get("CEXM_TABLE"):  # so far (a long slow run can be read meanwhile)
+                with open(os.environ["CEXM_TABLE"], "w") as out:
+                    done = sum(f.done() for f in futures)
+                    out.write(f"(partial: {done} of {len(runs)} groups)\n\n")
+                    out.write(render_table(outcomes))
     elapsed = time.monotonic() - began
     table = render_table(outcomes)
     print(f"\n{len(outcomes)} cases in {len(runs)} groups, {elapsed:.0f} s\n{table}")
