@@ -54,6 +54,13 @@ EXPECTED = {
         "the policy saying 'do not run'. keep_last: B's arguments are owed a run (in whichever "
         "task id took them)."
     ),
+    "keep_last pending copy": (
+        "With keep_last the pending copy waits for the running one in turns of wait_timeout "
+        "(0.5 s here), each ended by an internal retry; the case keeps A running until B has "
+        "retried 4 times. The pending copy (and the newest arguments) is owed its run: an "
+        "internal retry loop must not give up on its own (Celery reads max_retries=None as "
+        "the task's max_retries, 3)."
+    ),
     "queued_and_running default": (
         "queued_and_running with the default on_conflict (the matrix's 'skip' value is sent "
         "as no on_conflict at all): a copy queued while one runs is owed its run once the "

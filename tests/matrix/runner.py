@@ -281,6 +281,10 @@ class CaseRun:
             "retry_backoff": 1.0,
             "max_retries": 100,
         }
+        if case["on_duplicate"] == "keep_last":
+            # the pending copy waits in short turns, each ended by a retry of its own: the
+            # case holds A until B has retried more than 3 times (cases.EXPECTED)
+            self.opts["wait_timeout"] = 0.5
         if case["hold"] == "queued_and_running" and case["on_conflict"] == "skip":
             del self.opts["on_conflict"]  # the default, judged as such (cases.EXPECTED)
         self.calls: dict[str, Call] = {}
@@ -307,6 +311,9 @@ class CaseRun:
         """Whether a log line names ``task_id`` anywhere with one of ``texts``."""
         lines = self.g.logs().splitlines()
         return any(task_id in ln and any(t in ln for t in texts) for ln in lines)
+
+    def count(self, task_id: str, text: str) -> int:
+        return sum(text in line for line in self.log_lines(task_id))
 
     def logged(self, task_id: str, *texts: str) -> bool:
         return any(t in line for line in self.log_lines(task_id) for t in texts)
@@ -444,6 +451,11 @@ class CaseRun:
             if b.published and self.g.pool != "solo":
                 with contextlib.suppress(TimeoutError):
                     wait_until(lambda: self.logged(b.task_id, "received"), 10, "B received")
+                if c["on_duplicate"] == "keep_last":
+                    with contextlib.suppress(TimeoutError):
+                        wait_until(lambda: self.count(b.task_id, " retry: ") > 3
+                                   or self.logged(b.task_id, " raised "), 20,
+                                   "the pending copy to retry 4 times")  # fmt: skip
         if outcome == "revoke_terminate":
             self.g.app.control.revoke(a.task_id, terminate=True)
             wait_until(lambda: self.mentioned(a.task_id, "Terminating", "revoked"), 15,
@@ -509,10 +521,11 @@ class CaseRun:
                 return ""  # its arguments were handed to the pending copy: they are owed
             return f"not published ({c['on_duplicate']})"
         for line in self.log_lines(tid):
-            if "'exclusive': 'skipped'" in line and "on_conflict" in self.opts:
+            conflict = self.opts.get("on_conflict")
+            if "'exclusive': 'skipped'" in line and conflict == "skip":
                 return "skipped (on_conflict=skip)"
-            if "AlreadyRunning" in line and " raised " in line:
-                return "AlreadyRunning (on_conflict=raise/wait)"
+            if "AlreadyRunning" in line and " raised " in line and conflict in ("raise", "wait"):
+                return f"AlreadyRunning (on_conflict={conflict})"
             if "Discarding revoked task" in line:
                 return "revoked/replaced/expired"
         # keep_last: the pending copy ran newer arguments instead of these
@@ -607,10 +620,7 @@ class CaseRun:
         # I1 / period
         intervals = self.intervals()
         if c["hold"] in RUN_LEASE_HOLDS:
-            try:
-                check_history(intervals)
-            except AssertionError as exc:
-                self.out.fail("I1", str(exc)[:300])
+            self.check_exclusive(intervals)
         if c["hold"] == "period":  # one accepted call per ttl (C comes after the key is free)
             accepted = sorted(x.at for x in self.calls.values() if x.published and x.label != "c")
             for first, second in itertools.pairwise(accepted):
@@ -661,6 +671,23 @@ class CaseRun:
         except TimeoutError:
             self.out.fail("I3", f"a fresh call did not run within 30 s: {self._state(fresh)}")
 
+    def check_exclusive(self, intervals: list[dict[str, Any]]) -> None:
+        """I1: no overlap (tests/history.py), fences rising in start order.
+
+        The attempts of one task id may share a fence: until_done keeps one grant across
+        retries (handed back to the retry message and over to its run).
+        """
+        ordered = sorted(intervals, key=lambda r: (r["start"], r["end"]))
+        for prev, cur in itertools.pairwise(ordered):
+            same_task = prev["id"].split(":")[1] == cur["id"].split(":")[1]
+            if cur["fence"] < prev["fence"] or (cur["fence"] == prev["fence"] and not same_task):
+                self.out.fail("I1", f"fence did not rise: {cur['id']} (fence {cur['fence']}) "
+                              f"started after {prev['id']} (fence {prev['fence']})")  # fmt: skip
+        try:  # the overlap check alone: fences replaced by the start order
+            check_history([{**r, "fence": i} for i, r in enumerate(ordered)])
+        except AssertionError as exc:
+            self.out.fail("I1", str(exc)[:300])
+
     def intervals(self) -> list[dict[str, Any]]:
         """Each body as a hold [start, end]; a killed body ends when its process was seen gone."""
         events = self.events()
@@ -677,7 +704,7 @@ class CaseRun:
                 # a killed body: it ended at the kill, else (unknown) at the next start
                 end = min(kills) if kills else (min(later) if later else s["t"])
             out.append({"key": self.key, "start": s["t"], "end": end, "fence": s["fence"],
-                        "id": f"{s['call']}:{s['id'][:8]}"})  # fmt: skip
+                        "id": f"{s['call']}:{s['id']}"})  # fmt: skip
         return out
 
 
