@@ -364,6 +364,7 @@ class CaseRun:
     # -- the scenario -----------------------------------------------------------------------
 
     def run(self) -> Outcome:
+        self.started_at = time.monotonic()
         try:
             self.scenario()
         except Exception as exc:
