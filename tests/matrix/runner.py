@@ -579,9 +579,7 @@ class CaseRun:
         events = self.events()
         open_ = []
         for s in (e for e in events if e["ev"] == "start"):
-            later = [e for e in events if e["ev"] == "end" and e["id"] == s["id"]
-                     and e["pid"] == s["pid"] and e["t"] >= s["t"]]  # fmt: skip
-            if not later and psutil.pid_exists(s["pid"]) and _not_zombie(s["pid"]):
+            if _end_of(s, events) is None and psutil.pid_exists(s["pid"]) and _not_zombie(s["pid"]):
                 open_.append(s)
         return open_
 
@@ -696,9 +694,7 @@ class CaseRun:
         for s in (e for e in events if e["ev"] == "start"):
             if s.get("fence") is None:
                 continue
-            ends = [e["t"] for e in events if e["ev"] == "end" and e["id"] == s["id"]
-                    and e["pid"] == s["pid"] and e["t"] >= s["t"]]  # fmt: skip
-            end = min(ends) if ends else None
+            end = _end_of(s, events)
             if end is None:
                 kills = [k for k in self.g.kill_times if k >= s["t"]]
                 later = [e["t"] for e in events if e["ev"] == "start" and e["t"] > s["t"]]
@@ -707,6 +703,25 @@ class CaseRun:
             out.append({"key": self.key, "start": s["t"], "end": end, "fence": s["fence"],
                         "id": f"{s['call']}:{s['id']}"})  # fmt: skip
         return out
+
+
+def _end_of(start: dict[str, Any], events: list[dict[str, Any]]) -> int | None:
+    """The time the body begun by ``start`` recorded its end, or None (killed, or running).
+
+    Its end is the first end of the same task id in the same process after it, unless that
+    process started the same task id again before (threads, gevent and solo run every body
+    in the worker's own pid: a killed greenlet's redelivered copy ends in the same pid).
+    """
+
+    def same(e: dict[str, Any]) -> bool:
+        return e["id"] == start["id"] and e["pid"] == start["pid"] and e["t"] > start["t"]
+
+    restarts = [e["t"] for e in events if e["ev"] == "start" and same(e)]
+    until = min(restarts) if restarts else None
+    ends = [e["t"] for e in events if e["ev"] == "end" and (same(e) or e["t"] == start["t"])
+            and e["id"] == start["id"] and e["pid"] == start["pid"]
+            and (until is None or e["t"] < until)]  # fmt: skip
+    return min(ends) if ends else None
 
 
 def _not_zombie(pid: int) -> bool:
