@@ -8,12 +8,15 @@ servers, records every body's start and end, and checks one behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from celery_exclusive.celery.config import store_for
 
 from ..conftest import unavailable
 from ..servers import RedisServer, redis_server_binary, wait_until
@@ -152,4 +155,46 @@ def test_retry_while_the_store_is_down_is_not_lost(
                 "enqueue lease could not be taken), and Celery turns a failed retry publish "
                 f"into Reject(requeue=False)\n{worker.output()[-3000:]}"
             ) from None
+    app.close()
+
+
+def test_revoke_terminate_keeps_the_key_while_the_body_still_runs(
+    servers: tuple[RedisServer, RedisServer],
+) -> None:
+    # Given an acks_late task on a prefork worker whose body runs past the broker's 2 s
+    # visibility timeout, so that a redelivered copy of it waits in another pool child
+    env = env_for(*servers, CEXM_ACKS_LATE="1", CEXM_VISIBILITY="2")
+    app = mapp.make_app(env)
+    case = uuid.uuid4().hex[:8]
+    hist = mapp.history(env["CEXM_HISTORY"])
+    job = app.tasks[mapp.JOB]
+    key = job.exclusive_key((case,), {})
+    store = store_for(app)
+    with MatrixWorker(env, pool="prefork", concurrency=3) as worker:
+        a = job.apply_async((case,), {"gate": True}, queue=env["CEXM_QUEUE"])
+        wait_until(lambda: events(env, case), 20, "the body to start")
+        wait_until(lambda: "was delivered again" in worker.output(), 20, "a redelivered copy")
+
+        # When the task is revoked with terminate=True
+        app.control.revoke(a.id, terminate=True)
+        wait_until(lambda: f"Terminating {a.id}" in worker.output(), 20, "the terminate")
+        freed = True
+        try:  # watch the key for 3 s while the body's gate stays shut
+            wait_until(lambda: not store.holders(key), 3, "the key to be freed")
+        except TimeoutError:
+            freed = False
+        running = not any(e["ev"] == "end" for e in events(env, case))
+        hist.set(f"gate:{case}", 1)  # let every body still running end
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: f"[{a.id}] succeeded" in worker.output(), 10, "an end")
+        log = worker.output()
+    # Then the key is not freed while a body of the task still runs. (Found: Celery
+    # terminated the *waiting* redelivered copy, and task_revoked released the run lease of
+    # every delivery of the id, the one whose body was running included: a duplicate could
+    # then run beside it, as the matrix saw on 429f474 in case c358.)
+    assert not (freed and running), (
+        f"{key!r} was freed after revoke(terminate=True) while the body of {a.id} still ran "
+        f"(Celery terminated another delivery of the id)\n{events(env, case)}\n"
+        + "\n".join(ln for ln in log.splitlines() if a.id in ln)
+    )
     app.close()
