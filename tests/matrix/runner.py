@@ -458,9 +458,15 @@ class CaseRun:
                                    or self.logged(b.task_id, " raised "), 20,
                                    "the pending copy to retry 4 times")  # fmt: skip
         if outcome == "revoke_terminate":
+            if self.g.acks_late:  # a redelivered copy waiting beside the running body
+                with contextlib.suppress(TimeoutError):
+                    wait_until(lambda: self.mentioned(a.task_id, "was delivered again"),
+                               VISIBILITY + 8, "a redelivered copy of A")  # fmt: skip
             self.g.app.control.revoke(a.task_id, terminate=True)
             wait_until(lambda: self.mentioned(a.task_id, "Terminating", "revoked"), 15,
                        "the worker to terminate A")  # fmt: skip
+            if c["hold"] in RUN_LEASE_HOLDS:
+                self.check_held_while_running(a)
         elif outcome == "kill_child":
             os.kill(int(start["pid"]), signal.SIGKILL)
         elif outcome == "soft_limit":
@@ -494,6 +500,18 @@ class CaseRun:
             self.point("blip")
         self.open_gate()
         self.settle()
+
+    def check_held_while_running(self, call: Call) -> None:
+        """I1: for 2 s, the key is never free while a body of ``call`` still runs."""
+
+        def freed_while_running() -> bool:
+            running = [s for s in self.open_bodies() if s["id"] == call.task_id]
+            return bool(running) and not self.held().get(self.key.rsplit(":", 1)[-1])
+
+        with contextlib.suppress(TimeoutError):
+            wait_until(freed_while_running, 2, "the key to be freed under a running body")
+            self.out.fail("I1", "the key was freed while a body of A still ran (after "
+                          "revoke(terminate=True) reached another delivery of A)")  # fmt: skip
 
     def lost_for(self, task_id: str) -> bool:
         return any(json.loads(x)["task_id"] == task_id for x in self.hist.lrange("lost", 0, -1))
