@@ -1,6 +1,8 @@
 """Minimal reproductions of what the lifecycle matrix found (tests/matrix), beyond the bugs
-already known when it was written. Each test failed on the code it was found on (429f474)
-and passes since the fixes on main (ef2befd, 9e52920, 6a8561d): they stay as regression tests.
+already known when it was written. Each test failed on the code it was found on (429f474);
+the first three pass since the fixes on main (ef2befd, 9e52920, 6a8561d) and stay as
+regression tests; ``test_revoke_terminate_keeps_the_key_while_the_body_still_runs`` still
+fails on main 6a8561d.
 
 Each runs one real ``celery worker`` (the matrix app, tests/matrix/app.py) on private Redis
 servers, records every body's start and end, and checks one behaviour.
