@@ -1,8 +1,8 @@
 """Worker-side signal handlers, connected when :mod:`celery_exclusive.celery` is imported.
 
 ``task_revoked`` fires in the main worker process when a worker meets a revoked message (or
-terminates a running task): the enqueue lease of the task is released there, and a run lease
-that a terminated child could not release is released by its task id.
+terminates a running task): the enqueue lease of the task is released there, and the run lease
+that a terminated child could not release is released (that child's own, found by its pid).
 
 A message with an ETA or countdown sits in the memory of the worker that fetched it until it is
 due, and Celery sends ``task_revoked`` for it only then: its enqueue lease would keep the key
@@ -27,8 +27,16 @@ from .task import ExclusiveTask, _enqueue_key, _header
 logger = logging.getLogger(__name__)
 
 
-def release_on_revoke(sender: Any = None, request: Any = None, **_: Any) -> None:
-    """Free the leases of a revoked task."""
+def release_on_revoke(
+    sender: Any = None, request: Any = None, terminated: bool = False, **_: Any
+) -> None:
+    """Free the leases of a revoked task.
+
+    Its enqueue lease, always. A run lease only when Celery terminated the run, and only the
+    one that run held: under ``acks_late`` one task id may have two deliveries in the pool (a
+    redelivered copy waiting for the running one), Celery terminates one of them, and the
+    other's lease must stay, or a duplicate could start beside a body that still runs.
+    """
     if not isinstance(sender, ExclusiveTask) or request is None:
         return
     task_id = str(getattr(request, "id", "") or "")
@@ -41,12 +49,26 @@ def release_on_revoke(sender: Any = None, request: Any = None, **_: Any) -> None
         backend = store_for(sender.app).backend
         if opts.locks_at_enqueue:
             backend.release(_enqueue_key(key, opts), task_id)
-        if opts.hold in ("running", "queued_and_running", "until_done"):
+        pid = _terminated_pid(task_id) if terminated else None
+        if pid is not None and opts.hold in ("running", "queued_and_running", "until_done"):
             for holder in backend.holders(key):
-                if holder.meta.get("task_id") == task_id:
+                meta = holder.meta
+                if meta.get("task_id") == task_id and meta.get("pid") == pid:
                     backend.release(key, holder.token)
     except ExclusiveError:
         logger.warning("could not release the leases of revoked task %s", task_id, exc_info=True)
+
+
+def _terminated_pid(task_id: str) -> int | None:
+    """The pool process of the delivery Celery is terminating (None when unknown).
+
+    ``task_revoked`` is sent from ``Request.terminate``, while the worker still lists that
+    request under its id.
+    """
+    from celery.worker import state as worker_state
+
+    pid = getattr(worker_state.requests.get(task_id), "worker_pid", None)
+    return pid if isinstance(pid, int) else None
 
 
 def release_after_run(sender: Any = None, task_id: Any = None, task: Any = None, **_: Any) -> None:
