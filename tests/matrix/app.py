@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,7 +112,15 @@ def job(
     lease = self.exclusive
     client = history(str(self.app.conf.cexm_history))
     redelivered = bool((request.delivery_info or {}).get("redelivered"))
-    common = {"id": request.id, "call": call, "pid": os.getpid(), "retries": request.retries}
+    # "run" names this one execution: its start and its end carry it (in one process,
+    # threads, gevent and solo run many bodies, several of one task id among them)
+    common = {
+        "id": request.id,
+        "run": uuid.uuid4().hex,
+        "call": call,
+        "pid": os.getpid(),
+        "retries": request.retries,
+    }
     fence = lease.fence if lease is not None else None
     _push(client, f"h:{case}", {**common, "ev": "start", "t": time.monotonic_ns(),
                                 "fence": fence, "redelivered": redelivered})  # fmt: skip

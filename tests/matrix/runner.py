@@ -726,19 +726,11 @@ class CaseRun:
 def _end_of(start: dict[str, Any], events: list[dict[str, Any]]) -> int | None:
     """The time the body begun by ``start`` recorded its end, or None (killed, or running).
 
-    Its end is the first end of the same task id in the same process after it, unless that
-    process started the same task id again before (threads, gevent and solo run every body
-    in the worker's own pid: a killed greenlet's redelivered copy ends in the same pid).
+    Paired by the execution's own ``run`` id: threads, gevent and solo run every body in the
+    worker's pid, two deliveries of one task id among them, so task id and pid cannot tell
+    which start an end closes.
     """
-
-    def same(e: dict[str, Any]) -> bool:
-        return e["id"] == start["id"] and e["pid"] == start["pid"] and e["t"] > start["t"]
-
-    restarts = [e["t"] for e in events if e["ev"] == "start" and same(e)]
-    until = min(restarts) if restarts else None
-    ends = [e["t"] for e in events if e["ev"] == "end" and (same(e) or e["t"] == start["t"])
-            and e["id"] == start["id"] and e["pid"] == start["pid"]
-            and (until is None or e["t"] < until)]  # fmt: skip
+    ends = [e["t"] for e in events if e["ev"] == "end" and e.get("run") == start.get("run")]
     return min(ends) if ends else None
 
 
