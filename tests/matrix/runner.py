@@ -27,8 +27,6 @@ import itertools
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -45,7 +43,7 @@ from celery_exclusive.exceptions import AlreadyQueued, ExclusiveError
 
 from ..history import check_history
 from ..servers import GaveUp, RedisServer, wait_until
-from ..workers import ROOT, Worker
+from ..workers import Worker
 from . import app as mapp
 from .cases import RUN_LEASE_HOLDS
 
@@ -64,21 +62,10 @@ ENDED = (" succeeded in ", " raised ", " retry: ", " ignored", " rejected")
 
 
 class MatrixWorker(Worker):
-    """``tests.workers.Worker`` on the matrix app (tests/matrix/app.py)."""
+    """``tests.workers.Worker`` on the matrix app (tests/matrix/app.py) and its queue."""
 
-    def start(self, timeout: float = 60) -> MatrixWorker:
-        args = [
-            sys.executable, "-m", "celery", "-A", "tests.matrix.app", "worker",
-            "-P", self.pool, "-c", str(self.concurrency), "-n", self.name,
-            "-Q", self.env["CEXM_QUEUE"], "-l", "INFO",
-            "--without-mingle", "--without-gossip", "--without-heartbeat",
-        ]  # fmt: skip
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                args, cwd=ROOT, env=self.env, stdout=out, stderr=out, start_new_session=True
-            )
-        wait_until(self._ready, timeout, f"worker {self.name} to be ready", step=0.05)
-        return self
+    def __init__(self, env: dict[str, str], **kwargs: Any) -> None:
+        super().__init__({**env, "CEX_QUEUE": env["CEXM_QUEUE"]}, app="tests.matrix.app", **kwargs)
 
 
 class Rendezvous:
