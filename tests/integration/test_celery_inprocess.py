@@ -51,7 +51,13 @@ def app(redis_url: str) -> Iterator[Celery]:
 
 def make_tasks(app: Celery) -> Any:
     class T:
-        @app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["customer_id"]}, lazy=False)
+        @app.task(
+            bind=True,
+            base=ExclusiveTask,
+            exclusive={"key": ["customer_id"]},
+            lazy=False,
+            shared=False,
+        )
         def sync(self: Any, customer_id: int, nested: bool = False) -> Any:
             assert self.exclusive is not None and self.exclusive.held
             self.exclusive.ensure_held()
@@ -59,7 +65,9 @@ def make_tasks(app: Celery) -> Any:
                 return {"fence": self.exclusive.fence, "inner": sync.apply((customer_id,)).result}
             return customer_id
 
-        @app.task(base=ExclusiveTask, exclusive={"key": ["n"], "hold": "queued"}, lazy=False)
+        @app.task(
+            base=ExclusiveTask, exclusive={"key": ["n"], "hold": "queued"}, lazy=False, shared=False
+        )
         def queued(n: int) -> int:
             return n
 
@@ -68,6 +76,7 @@ def make_tasks(app: Celery) -> Any:
             base=ExclusiveTask,
             exclusive={"key": ["n"], "hold": "until_done"},
             lazy=False,
+            shared=False,
         )
         def flaky(self: Any, n: int) -> int:
             if self.request.retries < 2:
@@ -116,6 +125,7 @@ def test_an_eager_run_that_cannot_start_frees_its_enqueue_lease(
         base=ExclusiveTask,
         exclusive={"key": ["n"], "hold": "queued_and_running", "wait_timeout": 0.2},
         lazy=False,
+        shared=False,
     )
     def both(n: int) -> int:
         return n
@@ -137,7 +147,7 @@ def test_a_switch_turns_locking_off(app: Celery) -> None:
     reset(app)
     _, queued, _ = make_tasks(app)
 
-    @app.task(bind=True, base=ExclusiveTask, exclusive={"key": []}, lazy=False)
+    @app.task(bind=True, base=ExclusiveTask, exclusive={"key": []}, lazy=False, shared=False)
     def plain(self: Any) -> bool:
         return self.exclusive is None
 
@@ -150,17 +160,19 @@ def test_a_switch_turns_locking_off(app: Celery) -> None:
 def test_unknown_option_or_argument_fails_at_decoration(app: Celery) -> None:
     with pytest.raises(ConfigurationError, match="unknown exclusive option"):
 
-        @app.task(base=ExclusiveTask, exclusive={"kee": []}, lazy=False)
+        @app.task(base=ExclusiveTask, exclusive={"kee": []}, lazy=False, shared=False)
         def a(x: int) -> None: ...
 
     with pytest.raises(ConfigurationError, match="on_conflict"):
 
-        @app.task(base=ExclusiveTask, exclusive={"on_conflict": "explode"}, lazy=False)
+        @app.task(
+            base=ExclusiveTask, exclusive={"on_conflict": "explode"}, lazy=False, shared=False
+        )
         def b(x: int) -> None: ...
 
     with pytest.raises(ConfigurationError, match="customer"):
 
-        @app.task(base=ExclusiveTask, exclusive={"key": ["customer"]}, lazy=False)
+        @app.task(base=ExclusiveTask, exclusive={"key": ["customer"]}, lazy=False, shared=False)
         def c(x: int) -> None: ...
 
     with pytest.raises(ConfigurationError, match="hold"):
@@ -199,7 +211,7 @@ def test_no_store_configured_is_a_clear_error() -> None:
     app = Celery("nostore", broker="memory://")
     app.conf.task_always_eager = True
 
-    @app.task(base=ExclusiveTask, exclusive={"key": []}, lazy=False)
+    @app.task(base=ExclusiveTask, exclusive={"key": []}, lazy=False, shared=False)
     def t() -> None: ...
 
     with pytest.raises(ConfigurationError, match="exclusive_url"):

@@ -51,14 +51,16 @@ def make_app(env: Mapping[str, str] | None) -> Celery:
     app = Celery("cex_matrix")
     if env is not None:
         _configure(app, env)
-    common: dict[str, Any] = {"bind": True, "base": ExclusiveTask,
+    # shared=False: a task of this app only (Celery's default adds every task to every app
+    # finalized later, so one test's tasks, bad ones included, would reach all others')
+    common: dict[str, Any] = {"bind": True, "base": ExclusiveTask, "shared": False,
                               "exclusive": {"key": ["case"], "ttl": TTL}}  # fmt: skip
     app.task(name=JOB, **common)(job)
     app.task(
         name=JOB_AUTO, autoretry_for=(ValueError,), max_retries=2, default_retry_delay=0.3,
         **common,
     )(job)  # fmt: skip
-    app.task(name=JOB_UNTIL_DONE, bind=True, base=ExclusiveTask,
+    app.task(name=JOB_UNTIL_DONE, bind=True, base=ExclusiveTask, shared=False,
              exclusive={"key": ["case"], "ttl": TTL, "hold": "until_done"})(job)  # fmt: skip
     return app
 

@@ -92,7 +92,9 @@ def test_abort_on_the_eventlet_pool_is_refused_at_worker_start(
     app = Celery("abort-pools", broker="memory://", backend="cache+memory://")
     app.conf.exclusive_url = "memory://"
 
-    @app.task(base=ExclusiveTask, exclusive={"key": [], "on_lock_lost": "abort"}, lazy=False)
+    @app.task(
+        base=ExclusiveTask, exclusive={"key": [], "on_lock_lost": "abort"}, lazy=False, shared=False
+    )
     def guarded() -> None: ...
 
     # eventlet greenlets cannot be interrupted by this library: say so before any task runs
