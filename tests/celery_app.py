@@ -23,6 +23,8 @@ from celery.exceptions import Ignore, Reject
 
 from celery_exclusive.celery import ExclusiveTask, exclusive
 
+from .workers import redis_transport_options
+
 app = Celery("cex_tests", include=["tests.celery_policies", "tests.celery_corners"])
 
 
@@ -32,13 +34,7 @@ def configure(
     """Point the app at its servers (the test process calls it; workers read the environment)."""
     from celery_exclusive.celery.config import reset
 
-    transport: dict[str, Any] = {}
-    if visibility:
-        transport = {
-            "visibility_timeout": visibility,
-            "unacked_restore_interval": 1,
-            "unacked_restore_throttle": 1,
-        }
+    transport = redis_transport_options(visibility)
     app.conf.update(
         broker_url=broker,
         result_backend=result,

@@ -129,6 +129,21 @@ def shown_if_failed(request: Any, worker: Worker, tail: int = 10000) -> Iterator
             print(worker.output()[-tail:])
 
 
+def redis_transport_options(visibility: float | None) -> dict[str, Any]:
+    """Redis broker options that redeliver an unacked message ``visibility`` s after delivery.
+
+    kombu restores unacked messages on a throttled sweep; both set to 1 s let a test see a
+    redelivery within seconds.
+    """
+    if not visibility:
+        return {}
+    return {
+        "visibility_timeout": visibility,
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }
+
+
 def worker_env(
     redis_url: str, prefix: str, queue: str, visibility: float | None = None
 ) -> dict[str, str]:

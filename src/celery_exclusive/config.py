@@ -8,6 +8,7 @@ network.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -93,14 +94,6 @@ def check_lookup(get: Callable[[str], Any], *, prefix: str = "exclusive_") -> li
     return _read(get, prefix)[2]
 
 
-#: Task options that are seconds, counts, and those that may be None.
-_SECONDS_OPTIONS = frozenset(
-    {"ttl", "wait_timeout", "max_hold", "retry_countdown", "retry_backoff", "retry_max_countdown"}
-)
-_COUNT_OPTIONS = frozenset({"limit", "max_retries"})
-_NULLABLE_OPTIONS = frozenset({"max_hold", "max_retries"})
-
-
 def _setting(prefix: str, name: str) -> str:
     """The name of a setting as the user wrote it (``exclusive_ttl``, ``CELERY_EXCLUSIVE_TTL``)."""
     return (prefix + name).upper() if prefix.isupper() else prefix + name
@@ -152,17 +145,37 @@ def _read(
 
 
 def _coerce_option(name: str, value: Any) -> Any:
-    """Read a task option given as text (from the environment, or a str setting)."""
-    if not isinstance(value, str) or not (name in _SECONDS_OPTIONS or name in _COUNT_OPTIONS):
+    """Read a task option given as text (from the environment, or a str setting).
+
+    Which options are numbers, and which may be None, is read from :class:`TaskOptions`'
+    field types (``float``, ``int``, ``... | None``).
+    """
+    kind = _number_options().get(name)
+    if not isinstance(value, str) or kind is None:
         return value
+    number, nullable = kind
     text = value.strip()
-    if name in _NULLABLE_OPTIONS and text.lower() in ("none", "null"):
+    if nullable and text.lower() in ("none", "null"):
         return None
     try:
-        return float(text) if name in _SECONDS_OPTIONS else int(text)
+        return number(text)
     except ValueError:
-        what = "a number of seconds" if name in _SECONDS_OPTIONS else "a whole number"
+        what = "a number of seconds" if number is float else "a whole number"
         raise ConfigurationError(f"exclusive option {name} must be {what}, not {value!r}") from None
+
+
+@functools.cache
+def _number_options() -> dict[str, tuple[type[float] | type[int], bool]]:
+    """Task options that are numbers: name -> (float or int, whether None is allowed)."""
+    from .options import TaskOptions
+
+    kinds: dict[str, tuple[type[float] | type[int], bool]] = {}
+    for f in fields(TaskOptions):
+        spelled = str(f.type)  # annotations are strings here (from __future__ import annotations)
+        base = spelled.removesuffix(" | None")
+        if base in ("float", "int"):
+            kinds[f.name] = (float if base == "float" else int, base != spelled)
+    return kinds
 
 
 def _check_option(name: str, value: Any) -> None:

@@ -145,6 +145,11 @@ class TaskOptions:
         )
 
     @property
+    def has_run_lease(self) -> bool:
+        """Whether a run holds a lease while it runs (``until_done``: the enqueue one)."""
+        return self.hold in RUN_HOLDS or self.hold == "until_done"
+
+    @property
     def locks_at_enqueue(self) -> bool:
         """Whether ``apply_async`` takes a lease."""
         return self.hold in ENQUEUE_HOLDS

@@ -51,6 +51,9 @@ __all__ = ["Renewer", "get_renewer"]
 
 logger = logging.getLogger(__name__)
 
+_OVERDUE = "could not renew it before its deadline: the store did not confirm a renewal in time"
+_MAX_HOLD = "it reached max_hold={:g} s: renewal stopped, and the store frees it within {:g} s"
+
 #: After a failed round trip, try again after this fraction of the ttl (at most 1 s).
 _RETRY_FRACTION = 0.1
 
@@ -107,46 +110,35 @@ class Renewer:
     def _run(self) -> None:
         while True:
             try:
-                overdue, stopped = self._schedule()
-                for lease, generation in overdue:
-                    lease.mark_lost(
-                        "could not renew it before its deadline: the store did not confirm "
-                        "a renewal in time",
-                        generation,
-                    )
-                for lease, generation in stopped:
-                    lease.mark_lost(
-                        f"it reached max_hold={lease.max_hold:g} s: renewal stopped, and the "
-                        f"store frees it within {lease.ttl:g} s",
-                        generation,
-                    )
+                for lease, generation, reason in self._schedule():
+                    lease.mark_lost(reason, generation)
             except Exception:  # the thread must survive anything
                 logger.exception("lease renewal scheduling failed")
                 time.sleep(0.1)
 
-    def _schedule(self) -> tuple[list[tuple[Lease, int]], list[tuple[Lease, int]]]:
+    def _schedule(self) -> list[tuple[Lease, int, str]]:
         """Wait until something is to be done; hand due leases to their store's sender.
 
-        Returns the leases past their deadline and those that reached ``max_hold`` (each with
-        its grant's generation), to be reported lost outside the lock.
+        Returns the leases lost (past their deadline, or at ``max_hold``), each with its
+        grant's generation and why, to be reported outside the lock.
         """
         with self._cond:
             while True:
                 now = time.monotonic()
-                overdue: list[tuple[Lease, int]] = []
-                stopped: list[tuple[Lease, int]] = []
+                lost: list[tuple[Lease, int, str]] = []
                 due: dict[int, list[Lease]] = {}
                 wake = now + self._idle_interval
                 for lease in list(self._leases.values()):
                     generation, deadline = lease.grant_deadline()
-                    if lease.past_max_hold(now):
-                        del self._leases[id(lease)]
-                        stopped.append((lease, generation))
-                        continue
                     give_up = deadline - _guard(lease.ttl)
-                    if give_up <= now:
+                    reason = None
+                    if lease.past_max_hold(now):
+                        reason = _MAX_HOLD.format(lease.max_hold, lease.ttl)
+                    elif give_up <= now:
+                        reason = _OVERDUE
+                    if reason is not None:
                         del self._leases[id(lease)]
-                        overdue.append((lease, generation))
+                        lost.append((lease, generation, reason))
                         continue
                     wake = min(wake, give_up, lease.max_hold_at())
                     sender = self._senders.get(id(lease.backend))
@@ -159,8 +151,8 @@ class Renewer:
                         continue
                     batch = [le for le in leases if le.next_renewal <= now + le.ttl / 6]
                     self._sender_for(batch[0].backend).send(batch)
-                if overdue or stopped:
-                    return overdue, stopped
+                if lost:
+                    return lost
                 self._wake_at = wake
                 self._cond.wait(max(wake - now, 0.0))
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from . import forking
-from .backends.base import Backend, Holder, LeaseInfo
+from .backends.base import Backend, Holder, LeaseInfo, redact_url
 from .exceptions import ConfigurationError
 from .lease import Lease
 from .renewal import Renewer, get_renewer
@@ -272,24 +272,16 @@ def _scheme(url: str) -> tuple[str, str]:
     scheme, sep, rest = url.partition("://")
     if not sep or not scheme:
         raise ConfigurationError(
-            f"not a store URL: {_hide_password(url)!r}; expected e.g. redis://localhost:6379/0 "
+            f"not a store URL: {redact_url(url)!r}; expected e.g. redis://localhost:6379/0 "
             "or memory://"
         )
     scheme = scheme.lower()
     if scheme not in SCHEMES:
         raise ConfigurationError(
-            f"unknown store scheme {scheme!r} in {_hide_password(url)!r}; "
+            f"unknown store scheme {scheme!r} in {redact_url(url)!r}; "
             f"supported: {', '.join(SCHEMES)}"
         )
     return scheme, rest
-
-
-def _hide_password(url: str) -> str:
-    """``url`` with the part before ``@`` (user and password) replaced, for messages."""
-    head, sep, tail = url.partition("://")
-    if "@" in tail.split("/", 1)[0]:
-        return f"{head}{sep}***@{tail.split('@', 1)[1]}"
-    return url
 
 
 def _backend_for_client(client: Any, options: dict[str, Any]) -> Backend:

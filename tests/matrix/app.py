@@ -36,6 +36,8 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 from celery_exclusive.celery import ExclusiveTask
 from celery_exclusive.celery.signals import exclusive_lost
 
+from ..workers import redis_transport_options
+
 #: Lease ttl of every case (renewed every ttl / 3 while a body runs).
 TTL = 3.0
 #: How long a gated body waits for its gate at most (a bounded loop, never forever).
@@ -66,14 +68,7 @@ def make_app(env: Mapping[str, str] | None) -> Celery:
 
 
 def _configure(app: Celery, env: Mapping[str, str]) -> None:
-    visibility = float(env.get("CEXM_VISIBILITY") or 0)
-    transport: dict[str, Any] = {}
-    if visibility:
-        transport = {
-            "visibility_timeout": visibility,
-            "unacked_restore_interval": 1,
-            "unacked_restore_throttle": 1,
-        }
+    transport = redis_transport_options(float(env.get("CEXM_VISIBILITY") or 0) or None)
     app.conf.update(
         broker_url=env["CEXM_BROKER"],
         result_backend=env.get("CEXM_RESULT") or None,

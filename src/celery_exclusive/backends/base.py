@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..exceptions import ConfigurationError
 
@@ -28,6 +29,7 @@ __all__ = [
     "RenewRequest",
     "encode_meta",
     "parse_meta",
+    "redact_url",
 ]
 
 #: How long a key's fence counter outlives its last grant. Fences are seeded from the store's
@@ -251,3 +253,12 @@ class Backend(abc.ABC):
     def describe(self) -> str:
         """Return a short, password-free description of the store for messages."""
         return self.scheme or type(self).__name__
+
+
+def redact_url(url: str) -> str:
+    """``url`` for messages and listings: the password hidden, query and fragment dropped."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc, query="", fragment="").geturl()

@@ -32,6 +32,7 @@ from .base import (
     Holder,
     LeaseInfo,
     RenewRequest,
+    redact_url,
 )
 
 __all__ = ["RedisBackend", "RedisURL", "parse_url"]
@@ -338,14 +339,6 @@ def _parse_holders(flat: Sequence[Any], now_ms: int) -> list[Holder]:
     return holders
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc, query="").geturl()
-    return parts._replace(query="").geturl()
-
-
 def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
     hosts = []
     for item in netloc.split(","):
@@ -420,7 +413,7 @@ def parse_url(url: str) -> RedisURL:
     """
     if url[:6].lower() == "valkey":
         url = "redis" + url[len("valkey") :]
-    desc = _redact(url)
+    desc = redact_url(url)
 
     def bad(what: str) -> ConfigurationError:
         return ConfigurationError(f"invalid Redis URL {desc!r}: {what}")

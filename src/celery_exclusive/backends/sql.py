@@ -49,6 +49,7 @@ from .base import (
     LeaseInfo,
     RenewRequest,
     parse_meta,
+    redact_url,
 )
 
 if TYPE_CHECKING:
@@ -613,14 +614,6 @@ def _glob_prefix(match: str | None) -> str:
     return match[:cut]
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc, query="", fragment="").geturl()
-
-
 class _SQLBackend(Backend):
     """What both SQL backends share: key prefixing, options, cleanup pacing, listings."""
 
@@ -778,7 +771,7 @@ def _pg_params(url_or_params: str | dict[str, str]) -> dict[str, str]:
             params: dict[str, str] = psycopg.conninfo.conninfo_to_dict(url_or_params)
         except psycopg.Error as exc:
             raise ConfigurationError(
-                f"invalid PostgreSQL URL {_redact(url_or_params)!r}: {exc}"
+                f"invalid PostgreSQL URL {redact_url(url_or_params)!r}: {exc}"
             ) from exc
     else:
         params = dict(url_or_params)
@@ -1015,13 +1008,13 @@ class PostgresBackend(_SQLBackend):
         base = url.split("#", 1)[0].split("?", 1)[0]
         plain = base + ("?" + urlencode(rest, quote_via=quote) if rest else "")
         listen_url = settings.pop("listen_url", None)
-        with _naming(_redact(url)):
+        with _naming(redact_url(url)):
             shared = _shared_options(settings)
         return cls(
             plain,
             **shared,
             listen_conninfo=str(listen_url) if listen_url else None,
-            description=_redact(url),
+            description=redact_url(url),
         )
 
     # -- connections ----------------------------------------------------------------------

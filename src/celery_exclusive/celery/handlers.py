@@ -50,7 +50,7 @@ def release_on_revoke(
         if opts.locks_at_enqueue:
             backend.release(_enqueue_key(key, opts), task_id)
         pid = _terminated_pid(task_id) if terminated else None
-        if pid is not None and opts.hold in ("running", "queued_and_running", "until_done"):
+        if pid is not None and opts.has_run_lease:
             for holder in backend.holders(key):
                 meta = holder.meta
                 if meta.get("task_id") == task_id and meta.get("pid") == pid:

@@ -36,7 +36,7 @@ import sys
 import threading
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
@@ -52,7 +52,7 @@ from ..exceptions import (
 )
 from ..keys import KeyBuilder
 from ..lease import Lease
-from ..options import RUN_HOLDS, TaskOptions
+from ..options import TaskOptions
 from ..releasing import get_releaser, release_later
 from ..store import Store
 from . import signals
@@ -393,7 +393,7 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
 
         Never returns or raises with the lease held, except by returning it.
         """
-        if opts.hold not in RUN_HOLDS and opts.hold != "until_done":
+        if not opts.has_run_lease:
             return None
         # Each delivery is its own owner, so a redelivered copy of a running task is refused
         # rather than let in. until_done: the enqueue lease (owned by the task id) is handed
@@ -419,15 +419,17 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             waited_for_own_copy = self._acquire_for_run(lease, key, opts, task_id)
             if waited_for_own_copy or _may_have_run(request):
                 self._skip_if_done(lease, key, task_id)
-        except BaseException as exc:
+        except BackendError as exc:
             if lease.held:
-                self._release(lease, task_id, key)  # never keep a key for a run that won't come
-            elif isinstance(exc, BackendError):
+                self._release(lease, task_id, key)
+            else:
                 # The acquire may have reached the store and been granted with its reply lost
                 # (a store that stalled, then answered): free what this token may hold.
                 release_later(lease.backend, lease.key, lease.token, lease.ttl)
-            if isinstance(exc, BackendError):
-                raise self._store_failed(key, opts, task_id, exc) from exc
+            self._store_failed(key, opts, task_id, exc)
+        except BaseException:
+            if lease.held:
+                self._release(lease, task_id, key)  # never keep a key for a run that won't come
             raise
         return lease
 
@@ -520,15 +522,17 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         signature.apply_async()
         return Retry(reason, exc=exc, when=countdown, sig=signature)
 
-    def _store_failed(self, key: str, opts: TaskOptions, task_id: str, exc: BackendError) -> Any:
-        """The store failed as the run started: return what to raise (``on_store_error``)."""
+    def _store_failed(
+        self, key: str, opts: TaskOptions, task_id: str, exc: BackendError
+    ) -> NoReturn:
+        """The store failed as the run started: fail, or go back to the queue (on_store_error)."""
         action = opts.on_store_error
         signals.exclusive_store_error.send(
             sender=self, task_id=task_id, key=key, error=exc, action=action
         )
         if action == "fail" or self.request.is_eager:  # an eager run has no queue to go back to
             logger.error("%s[%s] could not reach the lease store: %s", self.name, task_id, exc)
-            return exc
+            raise exc
         tries = int(_header(self.request).get("requeued") or 0)
         countdown = min(opts.retry_countdown * opts.retry_backoff**tries, opts.retry_max_countdown)
         logger.warning(
@@ -538,7 +542,7 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             exc,
             countdown,
         )
-        return self._requeue(countdown, "the lease store could not be reached", exc=exc)
+        raise self._requeue(countdown, "the lease store could not be reached", exc=exc) from exc
 
     def _skip_if_done(self, lease: Lease, key: str, task_id: str) -> None:
         """Another copy of this task id ran to its end: release the key and skip the run.
