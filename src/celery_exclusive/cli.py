@@ -135,7 +135,9 @@ def cmd_demo_leases(args: argparse.Namespace, out: TextIO) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser (shared by the Django management command)."""
-    parser = argparse.ArgumentParser(prog="celery-exclusive", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="celery-exclusive", description="List, show and release leases; run the demo."
+    )
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from celery_exclusive import connect
 from celery_exclusive.cli import main
 
@@ -70,3 +72,16 @@ def test_celery_subcommand_uses_the_apps_store(redis_url: str, prefix: str) -> N
     assert result.returncode == 0, result.stderr
     assert [r["task_id"] for r in json.loads(result.stdout)] == ["t-9"]
     lease.release()
+
+
+def test_help_is_plain_text_without_rest_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    # Given the script's --help, and each sub-command's
+    for argv in (["--help"], *([name, "--help"] for name in ("list", "show", "release", "demo"))):
+        # When it is printed
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0
+        # Then it reads as text: no reStructuredText backquotes from a docstring
+        shown = capsys.readouterr().out
+        assert "``" not in shown, shown
+        assert "usage: celery-exclusive" in shown
