@@ -6,6 +6,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+import redis
+
+from ..servers import RedisServer, running
 from ..workers import ROOT
 
 
@@ -33,3 +37,39 @@ def test_lease_demo_passes_its_checks() -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(r"overlapping holds\s+0\n", result.stdout)
     assert "All checks passed." in result.stdout
+
+
+def _snapshot(client: redis.Redis) -> dict[bytes, object]:
+    """Every key with its value (sets as sets, hashes as dicts...), to compare before and after."""
+    read = {
+        b"string": client.get,
+        b"set": client.smembers,
+        b"hash": client.hgetall,
+        b"list": lambda k: client.lrange(k, 0, -1),
+        b"zset": lambda k: client.zrange(k, 0, -1, withscores=True),
+    }
+    return {key: read[client.type(key)](key) for key in client.scan_iter(count=1000)}
+
+
+@pytest.mark.parametrize("demo", ["demo", "demo-leases"])
+def test_a_demo_on_the_users_redis_leaves_it_as_it_found_it(demo: str) -> None:
+    # Given a user's Redis, with their own keys and a Celery of theirs bound to it
+    with running(RedisServer()) as server:
+        client = server.client()
+        client.set("users:own-key", "kept")
+        client.sadd("_kombu.binding.celery", b"celery\x06\x16\x06\x16celery")
+        client.sadd(
+            "_kombu.binding.celery.pidbox", b"\x06\x16\x06\x16their-worker@host.celery.pidbox"
+        )
+        before = _snapshot(client)
+        # When a demo runs on it
+        extra = ["--duration", "2", "--ttl", "1"] if demo == "demo-leases" else []
+        result = run_demo(demo, "--redis", server.url, *extra)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        # Then every key it wrote is gone (results, leases, fence counters, queues, bindings)
+        # and the user's keys are untouched
+        after = _snapshot(client)
+        left = sorted(set(after) - set(before))
+        assert not left, f"{len(left)} keys left: {left}"
+        changed = {k: (before[k], after.get(k)) for k in before if after.get(k) != before[k]}
+        assert not changed, changed

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..embedded import embedded_redis
+from .cleanup import remove_prefixed, remove_queue
 from .leases import Hold, overlaps
 
 __all__ = ["run"]
@@ -77,25 +78,43 @@ def run(url: str | None = None, *, workers: int = 2, out: TextIO = sys.stdout) -
     prefix = f"exclusive-demo-{os.getpid()}"
     os.environ["CELERY_EXCLUSIVE_DEMO_URL"] = url
     os.environ["CELERY_EXCLUSIVE_DEMO_PREFIX"] = prefix
-    from ..celery import is_skipped
     from ..celery.config import store_for
     from . import tasks
 
     events = tasks._events()
-    store = store_for(tasks.app)
+    results: list[Any] = []
+    try:
+        return _run(tasks, store_for(tasks.app), events, prefix, workers, results, out)
+    finally:  # on a user's Redis too: every key the demo wrote, and nothing else
+        remove_queue(tasks.app, tasks.app.conf.task_default_queue, results)
+        remove_prefixed(events, prefix)
+
+
+def _run(
+    tasks: Any,
+    store: Any,
+    events: Any,
+    prefix: str,
+    workers: int,
+    results: list[Any],
+    out: TextIO,
+) -> int:
+    from ..celery import is_skipped
+
+    url = tasks.URL
     t0 = time.time()
     say = _Printer(out, t0)
     with _workers(url, prefix, workers, 2) as procs:
         names = [f"{name}@{tasks.HOST}" for name, _, _ in procs]
         say(f"starting {workers} Celery workers of 2 processes each ...")
-        _wait_ready(tasks.app, names)
+        _wait_ready(events, prefix, names)
         say("workers ready")
         stop = threading.Event()
         watcher = threading.Thread(target=_watch, args=(events, prefix, say, stop), daemon=True)
         watcher.start()
 
         # 1. Bursts of duplicates; 2. during the second, kill the worker running customer 42
-        calls, results = 0, []
+        calls = 0
         victim: dict[str, Any] | None = None
         killed_at = free_after = None
         for burst in range(3):
@@ -209,14 +228,14 @@ class _Printer:
             print(f"  {time.time() - self.t0:6.2f} s  {text}", file=self.out, flush=True)
 
 
-def _wait_ready(app: Any, names: list[str], timeout: float = 90) -> None:
+def _wait_ready(events: Any, prefix: str, names: list[str], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     ready: set[str] = set()
     while time.monotonic() < deadline:
-        for reply in app.control.ping(timeout=0.5):
-            ready |= set(reply)
+        ready = {name.decode() for name in events.lrange(f"{prefix}:ready", 0, -1)}
         if ready >= set(names):
             return
+        time.sleep(0.1)
     raise RuntimeError(f"workers did not start within {timeout} s (ready: {sorted(ready)})")
 
 

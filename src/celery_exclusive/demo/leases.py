@@ -114,6 +114,16 @@ def timeline(
     return rows
 
 
+def _remove_keys(url: str, prefix: str) -> None:
+    """Delete what the demo wrote (on a user's Redis too): every key under its own prefix."""
+    import redis
+
+    from .cleanup import remove_prefixed
+
+    with redis.Redis.from_url(url) as client:
+        remove_prefixed(client, prefix)
+
+
 def run(
     url: str | None = None,
     *,
@@ -199,6 +209,7 @@ def run(
             if p.is_alive():
                 p.kill()
             p.join(5)
+        _remove_keys(url, prefix)
     if kill is not None and freed_by_probe:
         probed = freed_by_probe[0] - kill[0]
         freed_after = probed if freed_after is None else min(freed_after, probed)

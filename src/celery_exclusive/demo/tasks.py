@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from ..celery import ExclusiveTask
 
@@ -34,6 +34,9 @@ app.conf.update(
     task_default_queue=f"{PREFIX}-queue",
     worker_prefetch_multiplier=1,
     worker_hijack_root_logger=False,
+    # No remote control: its pidbox queues and bindings would stay behind on a user's Redis. The
+    # demo learns that a worker is ready from the ``worker_ready`` signal below instead.
+    worker_enable_remote_control=False,
     broker_connection_retry_on_startup=True,
 )
 
@@ -42,6 +45,13 @@ def _events() -> Any:
     import redis
 
     return redis.Redis.from_url(URL)
+
+
+def _say_ready(sender: Any = None, **kwargs: Any) -> None:
+    _events().rpush(f"{PREFIX}:ready", sender.hostname)
+
+
+signals.worker_ready.connect(_say_ready)
 
 
 def _sync_customer(self: Any, customer_id: int, seconds: float = 1.0) -> int:
