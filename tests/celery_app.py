@@ -29,13 +29,21 @@ app = Celery("cex_tests", include=["tests.celery_policies", "tests.celery_corner
 
 
 def configure(
-    broker: str, result: str, store: str, prefix: str, queue: str, visibility: float | None = None
+    broker: str,
+    result: str,
+    store: str,
+    prefix: str,
+    queue: str,
+    visibility: float | None = None,
+    *,
+    target: Celery = app,
 ) -> None:
-    """Point the app at its servers (the test process calls it; workers read the environment)."""
+    """Point the app (or ``target``) at its servers (the test process calls it; workers read
+    the environment)."""
     from celery_exclusive.celery.config import reset
 
     transport = redis_transport_options(visibility)
-    app.conf.update(
+    target.conf.update(
         broker_url=broker,
         result_backend=result,
         exclusive_url=store,
@@ -49,16 +57,17 @@ def configure(
         task_track_started=True,
         result_expires=600,
     )
-    reset(app)
+    reset(target)
     # The app caches its broker pool and result backend: drop them, so a test module that
     # points the app at its own private server never talks to a previous module's server.
-    app._after_fork()
-    app._backend_cache = None
-    app._local = threading.local()
+    target._after_fork()
+    target._backend_cache = None
+    target._local = threading.local()
 
 
-def configure_from(env: Mapping[str, str]) -> None:
-    """Point the app at the servers named by a worker environment (see tests.workers)."""
+def configure_from(env: Mapping[str, str], *, target: Celery = app) -> None:
+    """Point the app (or ``target``) at the servers named by a worker environment (see
+    tests.workers)."""
     configure(
         env["CEX_BROKER_URL"],
         env["CEX_RESULT_URL"],
@@ -66,6 +75,7 @@ def configure_from(env: Mapping[str, str]) -> None:
         env["CEX_PREFIX"],
         env["CEX_QUEUE"],
         float(env.get("CEX_VISIBILITY") or 0) or None,
+        target=target,
     )
 
 

@@ -274,3 +274,28 @@ def test_on_duplicate_raise_and_skip(app: Celery) -> None:
 
 def test_store_may_be_given_as_a_client(app: Celery, redis_url: str) -> None:
     assert connect(redis.Redis.from_url(redis_url)).holders("nothing") == []
+
+
+def test_a_decorated_task_looked_up_by_name_is_exclusive(redis_url: str) -> None:
+    # Given @exclusive above @app.task on an app not yet finalized (the task is a proxy), and a
+    # process that never touches that proxy: it finds the task by name, as a signature, a
+    # chain or `app.tasks[name]` does
+    app = Celery(f"byname-{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.exclusive_url = redis_url
+    app.conf.exclusive_prefix = f"byname-{uuid.uuid4().hex[:8]}"
+
+    @exclusive(key=["n"], hold="queued_and_running")
+    @app.task(name="byname.sync", shared=False)
+    def sync(n: int) -> int:
+        return n
+
+    try:
+        # When the app is finalized and the task looked up by name
+        found = app.tasks["byname.sync"]
+        # Then it is the exclusive task, enqueue hold and all
+        assert isinstance(found, ExclusiveTask)
+        first = app.signature("byname.sync", (1,)).delay()
+        assert app.signature("byname.sync", (1,)).delay().id == first.id
+        assert sync.delay(1).id == first.id  # and the proxy is the same task
+    finally:
+        reset(app)

@@ -8,8 +8,10 @@
     @shared_task(base=ExclusiveTask, exclusive={"key": []})           # one run_report at a time
     def run_report(): ...
 
-    @shared_task(base=ExclusiveTask, exclusive={"key": ["customer_id"], "hold": "queued"})
-    def sync_customer(customer_id): ...                                # and no pile-up
+    @shared_task(
+        base=ExclusiveTask, exclusive={"key": ["customer_id"], "hold": "queued_and_running"}
+    )
+    def sync_customer(customer_id): ...  # one at a time per customer, at most one more waiting
 
 App-wide defaults: ``app.conf.exclusive_url``, ``exclusive_ttl``, ``exclusive_on_conflict``,
 ... (``CELERY_EXCLUSIVE_*`` in Django settings); ``exclusive_enabled = False`` turns every lock

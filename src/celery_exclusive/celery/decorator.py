@@ -8,26 +8,25 @@ Put it *above* the task decorator::
 
 It gives the task the behaviour of :class:`ExclusiveTask` (the same as
 ``@shared_task(base=ExclusiveTask, exclusive={...})``) by deriving a class from the task's own.
-Tasks made lazily (a proxy, as ``@shared_task`` and an unfinalized app's ``@app.task`` return)
-are converted when first used, and at worker start for every proxy decorated so far.
+A task made lazily (a proxy, as ``@shared_task`` and an unfinalized app's ``@app.task`` return)
+is converted in each app as that app finalizes (or at once in apps already finalized), so that
+a process which only ever finds it by name (``app.tasks[name]``, a signature, a chain, the
+worker) gets the exclusive task too; and when the proxy is first used.
 """
 
 from __future__ import annotations
 
-import threading
+from functools import partial
 from typing import Any
 
-from celery import Task, signals
-from celery.local import Proxy
+from celery import Task, _state
+from celery.local import PromiseProxy, Proxy
 
 from ..exceptions import ConfigurationError
 from ..options import TaskOptions
 from .task import ExclusiveTask
 
 __all__ = ["exclusive"]
-
-_pending: list[Any] = []
-_pending_lock = threading.Lock()
 
 
 def exclusive(**options: Any) -> Any:
@@ -36,8 +35,10 @@ def exclusive(**options: Any) -> Any:
 
     def decorate(task: Any) -> Any:
         if isinstance(task, Proxy):
-            with _pending_lock:
-                _pending.append((task, options))
+            _state.connect_on_app_finalize(partial(_when_finalized, task, options))
+            for app in list(_state._get_active_apps()):
+                if app.finalized:  # it took the task already (@shared_task does that)
+                    _convert_in(app, task, options)
             return Proxy(lambda: convert(task._get_current_object(), options))
         if isinstance(task, Task):
             return convert(task, options)
@@ -72,13 +73,24 @@ def convert(task: Any, options: dict[str, Any]) -> Any:
     return task
 
 
-def convert_pending(**_: Any) -> None:
-    """Convert every proxied task decorated so far (the worker looks tasks up by name)."""
-    with _pending_lock:
-        pending = list(_pending)
-    for proxy, options in pending:
-        convert(proxy._get_current_object(), options)
+def _when_finalized(proxy: Proxy, options: dict[str, Any], app: Any) -> None:
+    # Called as ``app`` starts finalizing, before it has made its tasks: convert at the end.
+    def finalized(**_: Any) -> None:
+        _convert_in(app, proxy, options)
+
+    app.on_after_finalize.connect(finalized, weak=False)
 
 
-signals.import_modules.connect(convert_pending, weak=False)
-signals.worker_init.connect(convert_pending, weak=False)
+def _convert_in(app: Any, proxy: Proxy, options: dict[str, Any]) -> None:
+    """Convert the task ``proxy`` stands for in ``app``, if ``app`` has one."""
+    if isinstance(proxy, PromiseProxy) and not proxy.__evaluated__():
+        return  # an @app.task of another app, not made yet: converted when that app finalizes
+    # A @shared_task proxy resolves in the current app: make it ``app`` for this lookup.
+    previous = _state._tls.current_app
+    _state._set_current_app(app)
+    try:
+        task = proxy._get_current_object()
+    finally:
+        _state._set_current_app(previous)
+    if task.app is app:
+        convert(task, options)
