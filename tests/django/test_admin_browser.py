@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,3 +182,48 @@ def test_viewer_has_no_release_button_and_a_forged_post_gets_403(
     assert [h.token for h in leases.holders(SYNC_KEY)] == [sync.token]
     assert not LogEntry.objects.filter(object_id=SYNC_KEY, user=viewer).exists()
     sync.release()
+
+
+def test_the_page_fits_a_1280_pixel_screen(
+    live_server: str, browser: Any, leases: Store, superuser: Any, tmp_path: Path
+) -> None:
+    # Given leases as real Celery tasks hold them: long keys, full task ids, long names
+    held = []
+    for n in range(3):
+        lease = leases.lease(
+            f"billing.tasks.sync_customer_invoices:customer_id={1000 + n},region=eu-west-{n}",
+            meta={
+                "task_id": str(uuid.uuid4()),
+                "task_name": "billing.tasks.sync_customer_invoices",
+                "node": f"celery@worker-{n}.prod.eu-west-1.internal.example.com",
+            },
+        )
+        assert lease.acquire()
+        held.append(lease)
+    # When the superuser opens the page in a 1280 x 800 window
+    browser.set_window_size(1280, 800)
+    log_in(browser, live_server, superuser.username, "pw-admin")
+    shot = tmp_path / "admin-1280.png"
+    browser.save_screenshot(str(shot))
+    if os.environ.get("CELERY_EXCLUSIVE_SCREENSHOT"):
+        shutil.copy(shot, os.environ["CELERY_EXCLUSIVE_SCREENSHOT"].replace(".png", "-1280.png"))
+    # Then nothing needs a horizontal scroll: every fence and every Release button is on screen
+    width = browser.execute_script("return document.documentElement.clientWidth")
+    assert width <= 1280
+    scroll = browser.execute_script("return document.documentElement.scrollWidth")
+    assert scroll <= width, f"the page is {scroll} px wide in a {width} px window"
+    for lease in held:
+        cells = row(browser, lease.key).find_elements(By.TAG_NAME, "td")
+        fence = next(c for c in cells if c.text == str(lease.fence))
+        button = row(browser, lease.key).find_element(By.NAME, "release")
+        for element in (fence, button):
+            right = element.rect["x"] + element.rect["width"]
+            assert element.is_displayed() and right <= width, (element.text, right, width)
+        lines = browser.execute_script(
+            "const r = document.createRange(); r.selectNodeContents(arguments[0]);"
+            "return r.getClientRects().length;",
+            button,
+        )
+        assert lines == 1, f"the Release button's text is on {lines} lines"
+    for lease in held:
+        lease.release()
