@@ -1,0 +1,129 @@
+"""Drop-in task bases for projects moving from celery-once or celery-singleton.
+
+Change one import and keep your task options::
+
+    from celery_exclusive.compat.celery_once import QueueOnce, AlreadyQueued
+    from celery_exclusive.compat.celery_singleton import Singleton, DuplicateTaskError, clear_locks
+
+Each base is an :class:`~celery_exclusive.celery.ExclusiveTask` whose options are translated
+from the original library's (``once={...}``; ``unique_on``, ``raise_on_duplicate``,
+``lock_expiry``), and whose app settings (``ONCE``; ``singleton_*``) are read where they map
+onto ours. What stays the same and what changes is in each module's docstring and in
+``docs/migrating.md``.
+
+This module holds what both bases share: adopting a migrated library's store settings as the
+app's ``exclusive_*`` settings, giving a queued call's lease a lifetime of its own, and a worker
+bootstep that refuses to start a worker whose migrated settings cannot be honoured.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from celery import bootsteps, signals
+
+from ..backends.base import RenewRequest
+from ..celery.config import reset, settings_for, store_for
+from ..celery.task import _delay, _enqueue_key
+from ..exceptions import ConfigurationError
+
+__all__: list[str] = []
+
+logger = logging.getLogger(__name__)
+
+_adopted: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, str]]] = weakref.WeakKeyDictionary()
+_adopted_lock = threading.Lock()
+
+#: Checks of migrated settings, one per compat module: each raises ConfigurationError.
+_checks: list[Callable[[Any], None]] = []
+
+
+def _adopt_settings(app: Any, values: Mapping[str, Any], source: str) -> None:
+    """Make ``values`` (``{"url": ..., "prefix": ...}``) the app's ``exclusive_*`` settings.
+
+    The store is one per app (the worker's revoke and release handlers use it for every
+    protected task), so a migrated library's store URL becomes ``exclusive_url``. A setting the
+    user gave (``exclusive_url``...) wins and the migrated one is ignored. A value adopted
+    earlier is replaced when its source changes it (a test suite pointing the app elsewhere);
+    two sources naming different values for one setting (``ONCE`` and
+    ``singleton_backend_url`` on one app) are refused: set ``exclusive_url`` instead.
+    """
+    changed = False
+    with _adopted_lock:
+        ours = _adopted.setdefault(app, {})
+        for name, value in values.items():
+            setting = f"exclusive_{name}"
+            current = app.conf.get(setting)
+            previous = ours.get(name)
+            if current is not None and (previous is None or current != previous[0]):
+                continue  # the user's own setting wins
+            if previous is not None and previous[1] != source and previous[0] != value:
+                raise ConfigurationError(
+                    f"{source} and {previous[1]} name different values for {setting} "
+                    f"({value!r} and {previous[0]!r}); one app has one lease store: set "
+                    f"{setting} to the one you want"
+                )
+            if current != value:
+                app.conf[setting] = value
+                changed = True
+            ours[name] = (value, source)
+    if changed:
+        reset(app)  # settings and store are cached per app and process
+
+
+def _expire_queued(
+    task: Any,
+    args: Any,
+    kwargs: Any,
+    options: Mapping[str, Any],
+    task_id: str,
+    seconds: float,
+) -> None:
+    """Give the enqueue lease of the call just published ``seconds`` (plus any countdown).
+
+    A queued call's lease lives ``exclusive_queue_ttl`` (an hour by default) plus its
+    countdown or ETA; the migrated libraries let a task say how long its lock lives. This is
+    renewal, which only touches a lease that ``task_id`` still holds: when the worker has
+    already started the task (the grant moved to the run, or was released) it is a no-op,
+    never a new lock.
+    """
+    settings = settings_for(task.app)
+    if not settings.enabled or abs(seconds - settings.queue_ttl) < 1e-3:
+        return  # nothing held, or it already lives that long: save the round trip
+    overrides = options.get("exclusive")
+    opts = task._options(overrides)
+    if not opts.locks_at_enqueue or opts.hold == "period":
+        return
+    key = _enqueue_key(task.exclusive_key(args, kwargs, overrides), opts)
+    ttl = seconds + _delay(options)
+    store_for(task.app).backend.renew([RenewRequest(key, task_id, ttl)])
+
+
+class CheckMigratedSettings(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
+    """A worker bootstep: a migrated setting that cannot be honoured stops the worker."""
+
+    label = "celery-exclusive migrated settings check"
+
+    def start(self, parent: Any) -> None:
+        """Run every compat module's check on the app; a ConfigurationError stops the worker."""
+        for check in _checks:
+            try:
+                check(parent.app)
+            except ConfigurationError as exc:
+                logger.critical(
+                    "celery-exclusive is misconfigured: %s; the worker does not start", exc
+                )
+                raise
+
+
+def _add_check_step(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is not None:
+        app.steps["worker"].add(CheckMigratedSettings)
+
+
+signals.worker_init.connect(_add_check_step, weak=False)
