@@ -131,6 +131,8 @@ def _read(
             defaults[name] = value
             sources[name] = f"{_setting(prefix, 'defaults')}[{name!r}]"
     for name in TASK_OPTION_NAMES:
+        if any(f.name == name for f in fields(Settings)):
+            continue  # ``queue_ttl``: a setting of its own, which the task option falls back to
         value = get(prefix + name)
         if value is not None:
             defaults[name] = value

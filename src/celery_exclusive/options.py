@@ -44,6 +44,10 @@ the AsyncResult of the queued or running copy), ``skip`` (``apply_async`` return
 latest call wins, a debounce), ``keep_last`` (at most one running and one pending per key; a
 call while one is pending gives the pending one this call's arguments, and returns its result).
 
+``queue_ttl``: how long a queued call's enqueue lease lives if its task never starts (a lost
+message, a purged queue), plus any countdown or ETA; None (default) takes the app's
+``exclusive_queue_ttl``, an hour. A started task's lease is renewed whatever this says.
+
 ``on_lock_lost`` (the lease of a running task is found gone): ``warn`` (log, signal, and
 ``ensure_held()`` raises) or ``abort`` (the task is interrupted with ``LeaseLost``).
 """
@@ -89,6 +93,9 @@ class TaskOptions:
     retry_backoff: float = 2.0
     retry_max_countdown: float = 300.0
     max_retries: int | None = 10
+    #: Seconds a queued call's enqueue lease lives if its task never starts (plus any
+    #: countdown or ETA). None: the app's ``exclusive_queue_ttl`` (an hour by default).
+    queue_ttl: float | None = None
 
     def __post_init__(self) -> None:
         _choice("hold", self.hold, HOLDS)
@@ -110,8 +117,9 @@ class TaskOptions:
             )
         for name in ("ttl", "wait_timeout", "retry_countdown", "retry_max_countdown"):
             _seconds(name, getattr(self, name))
-        if self.max_hold is not None:
-            _seconds("max_hold", self.max_hold)
+        for name in ("max_hold", "queue_ttl"):
+            if getattr(self, name) is not None:
+                _seconds(name, getattr(self, name))
         v = self.retry_backoff
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1:
             raise ConfigurationError(f"exclusive option retry_backoff must be >= 1, not {v!r}")

@@ -299,3 +299,32 @@ def test_a_decorated_task_looked_up_by_name_is_exclusive(redis_url: str) -> None
         assert sync.delay(1).id == first.id  # and the proxy is the same task
     finally:
         reset(app)
+
+
+def test_queue_ttl_bounds_how_long_a_queued_call_holds_its_key(redis_url: str) -> None:
+    # Given a task whose queued calls hold their key 5 s (the app's default is an hour)
+    app = Celery(f"qttl-{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
+    app.conf.exclusive_url = redis_url
+    app.conf.exclusive_prefix = f"qttl-{uuid.uuid4().hex[:8]}"
+
+    @app.task(
+        base=ExclusiveTask, exclusive={"key": ["n"], "hold": "queued", "queue_ttl": 5}, shared=False
+    )
+    def job(n: int) -> int:
+        return n
+
+    store = store_for(app)
+    try:
+        # When calls are published (no worker takes them)
+        job.delay(1)
+        job.apply_async((2,), exclusive={"queue_ttl": 8})  # a call may say otherwise
+        job.apply_async((3,), countdown=20)  # a countdown adds to it
+        expires = {
+            n: store.holders(job.exclusive_key((n,)) + "@queued")[0].expires_in for n in (1, 2, 3)
+        }
+        # Then each queued lease lives that long, not an hour
+        assert 4 < expires[1] <= 5 and 7 < expires[2] <= 8 and 24 < expires[3] <= 25, expires
+        with pytest.raises(ConfigurationError, match="queue_ttl"):
+            job.apply_async((4,), exclusive={"queue_ttl": 0})
+    finally:
+        reset(app)

@@ -201,7 +201,9 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         lease = store_for(self.app).lease(
             _enqueue_key(key, opts),
             token=task_id,
-            ttl=opts.ttl if opts.hold == "period" else settings.queue_ttl + _delay(options),
+            ttl=opts.ttl
+            if opts.hold == "period"
+            else (opts.queue_ttl or settings.queue_ttl) + _delay(options),
             limit=opts.limit,
             auto_renew=False,
             meta=meta,
@@ -603,7 +605,8 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
                 key,
                 exc_info=True,
             )
-            release_later(store.backend, enqueue_key, task_id, settings_for(self.app).queue_ttl)
+            queue_ttl = opts.queue_ttl or settings_for(self.app).queue_ttl
+            release_later(store.backend, enqueue_key, task_id, queue_ttl)
             return None
         call = json.loads(taken).get("call") if taken else None
         return call if isinstance(call, dict) else None

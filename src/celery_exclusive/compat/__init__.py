@@ -12,7 +12,7 @@ onto ours. What stays the same and what changes is in each module's docstring an
 ``docs/migrating.md``.
 
 This module holds what both bases share: adopting a migrated library's store settings as the
-app's ``exclusive_*`` settings, giving a queued call's lease a lifetime of its own, and a worker
+app's ``exclusive_*`` settings, and a worker
 bootstep that refuses to start a worker whose migrated settings cannot be honoured.
 """
 
@@ -26,9 +26,7 @@ from typing import Any
 
 from celery import bootsteps, signals
 
-from ..backends.base import RenewRequest
-from ..celery.config import reset, settings_for, store_for
-from ..celery.task import _delay, _enqueue_key
+from ..celery.config import reset
 from ..exceptions import ConfigurationError
 
 __all__: list[str] = []
@@ -73,34 +71,6 @@ def _adopt_settings(app: Any, values: Mapping[str, Any], source: str) -> None:
             ours[name] = (value, source)
     if changed:
         reset(app)  # settings and store are cached per app and process
-
-
-def _expire_queued(
-    task: Any,
-    args: Any,
-    kwargs: Any,
-    options: Mapping[str, Any],
-    task_id: str,
-    seconds: float,
-) -> None:
-    """Give the enqueue lease of the call just published ``seconds`` (plus any countdown).
-
-    A queued call's lease lives ``exclusive_queue_ttl`` (an hour by default) plus its
-    countdown or ETA; the migrated libraries let a task say how long its lock lives. This is
-    renewal, which only touches a lease that ``task_id`` still holds: when the worker has
-    already started the task (the grant moved to the run, or was released) it is a no-op,
-    never a new lock.
-    """
-    settings = settings_for(task.app)
-    if not settings.enabled or abs(seconds - settings.queue_ttl) < 1e-3:
-        return  # nothing held, or it already lives that long: save the round trip
-    overrides = options.get("exclusive")
-    opts = task._options(overrides)
-    if not opts.locks_at_enqueue or opts.hold == "period":
-        return
-    key = _enqueue_key(task.exclusive_key(args, kwargs, overrides), opts)
-    ttl = seconds + _delay(options)
-    store_for(task.app).backend.renew([RenewRequest(key, task_id, ttl)])
 
 
 class CheckMigratedSettings(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped

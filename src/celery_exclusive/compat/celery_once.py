@@ -61,12 +61,11 @@ from typing import Any
 
 from celery import states
 from celery.result import EagerResult
-from celery.utils import uuid
 
 from ..celery.task import ExclusiveTask
 from ..exceptions import AlreadyQueued as _AlreadyQueued
 from ..exceptions import ConfigurationError
-from . import _adopt_settings, _checks, _expire_queued
+from . import _adopt_settings, _checks
 
 __all__ = ["AlreadyQueued", "QueueOnce"]
 
@@ -184,13 +183,13 @@ class QueueOnce(ExclusiveTask):
         merged = {**self.once, **call}
         graceful = bool(merged.get("graceful", False))
         timeout = merged.get("timeout") or default_timeout
+        overrides = dict(options.get("exclusive") or {})
         if "keys" in call:
-            keys = call["keys"]
-            options["exclusive"] = {
-                **(options.get("exclusive") or {}),
-                "key": None if keys is None else list(keys),
-            }
-        task_id = task_id or uuid()
+            overrides["key"] = None if call["keys"] is None else list(call["keys"])
+        if timeout is not None:
+            overrides.setdefault("queue_ttl", float(timeout))
+        if overrides:
+            options["exclusive"] = overrides
         try:
             result = super().apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
@@ -205,8 +204,6 @@ class QueueOnce(ExclusiveTask):
                 key=exc.key,
                 holder=exc.holder,
             ) from exc
-        if timeout is not None and getattr(result, "id", None) == task_id:
-            _expire_queued(self, args, kwargs, options, task_id, float(timeout))
         return result
 
 

@@ -58,12 +58,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from celery.utils import uuid
-
 from ..celery.config import store_for
 from ..celery.task import ExclusiveTask
 from ..exceptions import AlreadyQueued, ConfigurationError, ExclusiveError
-from . import _adopt_settings, _checks, _expire_queued
+from . import _adopt_settings, _checks
 
 __all__ = ["CelerySingletonException", "DuplicateTaskError", "Singleton", "clear_locks"]
 
@@ -198,7 +196,8 @@ class Singleton(ExclusiveTask):
         """
         _singleton_settings(self.app)
         expiry = self._lock_expiry
-        task_id = task_id or uuid()
+        if expiry is not None:
+            options["exclusive"] = {"queue_ttl": expiry, **(options.get("exclusive") or {})}
         try:
             result = super().apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
@@ -211,8 +210,6 @@ class Singleton(ExclusiveTask):
                 if not dup.key:
                     dup.key, dup.holder = exc.key, dict(exc.holder)
                 raise dup from exc
-        if expiry is not None and getattr(result, "id", None) == task_id:
-            _expire_queued(self, args, kwargs, options, task_id, expiry)
         return result
 
     def on_duplicate(self, existing_task_id: str | None) -> Any:
