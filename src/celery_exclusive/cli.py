@@ -1,7 +1,8 @@
-"""``celery-exclusive``: list, show and release leases; run the demo.
+"""``celery-exclusive``: list, show and release leases, sum them up (stats); run the demo.
 
 The store comes from ``--url``, else ``$CELERY_EXCLUSIVE_URL``. Tables for people, ``--json``
-for scripts. Exit codes: 0 ok, 1 a check or lookup failed, 2 bad usage.
+for scripts. Exit codes: 0 ok, 1 a check or lookup failed (or the store is unreachable, for
+``stats``), 2 bad usage.
 """
 
 from __future__ import annotations
@@ -109,6 +110,53 @@ def release_lease(store: Any, key: str, *, token: str | None, as_json: bool, out
     return 0 if removed else 1
 
 
+def show_stats(store: Any, *, match: str | None, as_json: bool, out: TextIO) -> int:
+    """Print the store's health, round trip and leases per task; exit code 1 if unreachable."""
+    from .stats import collect
+
+    report = collect(store, match=match)
+    if as_json:
+        json.dump(report.as_dict(), out, indent=2)
+        print(file=out)
+        return 0 if report.healthy else 1
+    print(f"store    {report.store}", file=out)
+    if not report.healthy:
+        print(f"health   UNREACHABLE: {report.error}", file=out)
+        return 1
+    print("health   ok", file=out)
+    print(
+        f"latency  {report.latency_ms:.2f} ms (median {report.latency_median_ms:.2f} ms)",
+        file=out,
+    )
+    now = time.time()
+    rows = [
+        {
+            "task": t.task,
+            "held": t.held,
+            "running": t.running,
+            "queued": t.queued,
+            "oldest_hold_s": t.oldest_hold if t.held else "",
+            "keys_waited_on": "n/a" if t.keys_waited_on is None else t.keys_waited_on,
+            "lost": "n/a" if t.lost is None else t.lost,
+            "last_lost": _ago(now, t.last_lost_at),
+        }
+        for t in report.tasks
+    ]
+    print(file=out)
+    print_table(rows, out)
+    return 0
+
+
+def _ago(now: float, at: float | None) -> str:
+    if not at:
+        return ""
+    seconds = max(now - at, 0.0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
 def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
     return list_leases(_store(args), match=args.match, as_json=args.json, out=out)
 
@@ -119,6 +167,10 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_release(args: argparse.Namespace, out: TextIO) -> int:
     return release_lease(_store(args), args.key, token=args.token, as_json=args.json, out=out)
+
+
+def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
+    return show_stats(_store(args), match=args.match, as_json=args.json, out=out)
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
@@ -136,7 +188,8 @@ def cmd_demo_leases(args: argparse.Namespace, out: TextIO) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser (shared by the Django management command)."""
     parser = argparse.ArgumentParser(
-        prog="celery-exclusive", description="List, show and release leases; run the demo."
+        prog="celery-exclusive",
+        description="List, show and release leases, sum them up per task; run the demo.",
     )
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key")
     p.add_argument("--token", help="release only this holder")
     p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser(
+        "stats", help="leases per task, waiters, lost leases, store health and round trip"
+    )
+    store_options(p)
+    p.add_argument("--match", help="only keys matching this glob")
+    p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser(
         "demo", help="the Celery demo: real workers, duplicate bursts, a worker killed mid-task"

@@ -1,8 +1,11 @@
-"""URLs of the test project: the admin only."""
+"""URLs of the test project: the admin, and the app's metrics view."""
 
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
-urlpatterns = [path("admin/", admin.site.urls)]
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("celery-exclusive/", include("celery_exclusive.contrib.django.urls")),
+]

@@ -26,6 +26,7 @@ __all__ = [
     "Grant",
     "Holder",
     "LeaseInfo",
+    "LostCount",
     "RenewRequest",
     "encode_meta",
     "parse_meta",
@@ -147,6 +148,20 @@ class LeaseInfo:
     holders: Sequence[Holder]
 
 
+@dataclass(frozen=True)
+class LostCount:
+    """How many leases of one task were lost, as recorded by :meth:`Backend.record_lost`."""
+
+    count: int
+    #: Unix time (store clock) of the last recorded loss.
+    last_at: float
+
+
+#: The most task names :meth:`Backend.record_lost` keeps counts for: the record stays small
+#: whatever a misbehaving caller sends (a new name beyond this is not counted).
+MAX_LOST_TASKS = 1000
+
+
 class Backend(abc.ABC):
     """Atomic lease operations on one store.
 
@@ -246,6 +261,25 @@ class Backend(abc.ABC):
         falls back to one owner per task id without it).
         """
         raise ConfigurationError(f"the {self.describe()} store cannot hand a lease over")
+
+    def waiting(self, keys: Sequence[str]) -> list[bool] | None:
+        """Whether a refused caller waits for a release of each of ``keys``, in one round trip.
+
+        Optional, for ``stats``: None when the store cannot tell (the default).
+        """
+        return None
+
+    def record_lost(self, task: str) -> bool:
+        """Count one lost lease of ``task`` in the store (best effort, for ``stats``).
+
+        Optional: return False when the store keeps no such counts (the default). At most
+        :data:`MAX_LOST_TASKS` task names are kept.
+        """
+        return False
+
+    def lost_counts(self) -> dict[str, LostCount] | None:
+        """The counts :meth:`record_lost` kept, by task name; None when it keeps none."""
+        return None
 
     def close(self) -> None:  # noqa: B027 (optional hook, most backends have nothing to do)
         """Release connections held by this backend."""

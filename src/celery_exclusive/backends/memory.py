@@ -16,7 +16,16 @@ from dataclasses import dataclass
 
 from .. import forking
 from ..exceptions import LimitMismatch
-from .base import Backend, Conflict, Grant, Holder, LeaseInfo, RenewRequest
+from .base import (
+    MAX_LOST_TASKS,
+    Backend,
+    Conflict,
+    Grant,
+    Holder,
+    LeaseInfo,
+    LostCount,
+    RenewRequest,
+)
 
 __all__ = ["MemoryBackend"]
 
@@ -49,6 +58,8 @@ class MemoryBackend(Backend):
         self._fences: dict[str, int] = {}
         self._signals: dict[str, int] = {}
         self._done: dict[tuple[str, str], float] = {}
+        self._waiters: dict[str, int] = {}
+        self._lost: dict[str, LostCount] = {}
 
     def _live(self, key: str, now: float) -> dict[str, _Entry]:
         entries = self._leases.get(key, {})
@@ -107,13 +118,36 @@ class MemoryBackend(Backend):
     def wait(self, key: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._signals.get(key, 0) == 0:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            self._signals[key] -= 1
+            self._waiters[key] = self._waiters.get(key, 0) + 1
+            try:
+                while self._signals.get(key, 0) == 0:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._cond.wait(remaining)
+                self._signals[key] -= 1
+                return True
+            finally:
+                self._waiters[key] -= 1
+                if not self._waiters[key]:
+                    del self._waiters[key]
+
+    def waiting(self, keys: Sequence[str]) -> list[bool] | None:
+        with self._cond:
+            return [self._waiters.get(key, 0) > 0 for key in keys]
+
+    def record_lost(self, task: str) -> bool:
+        with self._cond:
+            known = self._lost.get(task)
+            if known is None and len(self._lost) >= MAX_LOST_TASKS:
+                return False
+            count = known.count if known is not None else 0
+            self._lost[task] = LostCount(count=count + 1, last_at=self._clock())
             return True
+
+    def lost_counts(self) -> dict[str, LostCount] | None:
+        with self._cond:
+            return dict(self._lost)
 
     def mark_done(self, key: str, task_id: str, ttl: float) -> None:
         with self._cond:

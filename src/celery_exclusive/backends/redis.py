@@ -7,6 +7,8 @@ Keys of one lease share a hash tag, so the backend works on Redis Cluster too::
                                ``fence_retention`` (7 days) after the key's last grant or renewal
     exclusive:{<key>}:signal   waiters BLPOP it; a release pushes only while someone waits
                                (the list expires within seconds)
+    exclusive:stats:lost       hash: lost leases counted per task name, for ``stats`` (at most
+                               MAX_LOST_TASKS names; it expires 30 days after the last loss)
 
 Expiry is judged by the Redis server's clock (``TIME`` inside the scripts), never the
 worker's. Works on Redis 6.2+ and Valkey: standalone, Sentinel and Cluster, plain or TLS.
@@ -26,11 +28,13 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 from ..exceptions import BackendError, ConfigurationError, LimitMismatch
 from .base import (
     DEFAULT_FENCE_RETENTION,
+    MAX_LOST_TASKS,
     Backend,
     Conflict,
     Grant,
     Holder,
     LeaseInfo,
+    LostCount,
     RenewRequest,
     redact_url,
 )
@@ -45,6 +49,9 @@ SIGNAL_TTL_MS = 5_000
 
 #: Leases renewed by one script: Redis serves no other client while a script runs.
 RENEW_CHUNK = 200
+
+#: How long the lost-lease counts outlive the last loss recorded.
+LOST_COUNTS_TTL_MS = 30 * 24 * 3600 * 1000
 
 #: The default socket timeout for clients built from a URL: a store that stops answering holds
 #: its renewal sender this long (the loss itself is reported at the lease's deadline anyway).
@@ -102,6 +109,7 @@ class RedisBackend(Backend):
                 "update_meta",
                 "take",
                 "hand_over",
+                "record_lost",
             )
         }
         self._scripts = {name: client.register_script(src) for name, src in self._sources.items()}
@@ -301,6 +309,43 @@ class RedisBackend(Backend):
         args = [token, new_token, _ms(ttl)] + ([] if meta is None else [meta])
         reply = self._call("hand_over", [self._k(key, "lease")], args)
         return bool(int(reply))
+
+    def waiting(self, keys: Sequence[str]) -> list[bool] | None:
+        # "#w" is the latest time a refused caller said it waits until (see acquire.lua): it
+        # tells whether someone waits, not how many do. Two round trips: the pipeline (one
+        # per node on Cluster), then the server's clock.
+        if not keys:
+            return []
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hget(self._k(key, "lease"), "#w")
+            until: list[Any] = pipe.execute()
+            now = self.client.time()
+        except self._errors as exc:
+            raise BackendError(f"waiting on {self._description} failed: {exc}") from exc
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+        return [bool(u) and int(u) > now_ms for u in until]
+
+    def record_lost(self, task: str) -> bool:
+        reply = self._call(
+            "record_lost",
+            [f"{self.prefix}:stats:lost"],
+            [task, MAX_LOST_TASKS, LOST_COUNTS_TTL_MS],
+        )
+        return bool(int(reply))
+
+    def lost_counts(self) -> dict[str, LostCount] | None:
+        try:
+            raw = self.client.hgetall(f"{self.prefix}:stats:lost")
+        except self._errors as exc:
+            raise BackendError(f"lost_counts on {self._description} failed: {exc}") from exc
+        fields = {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()}
+        return {
+            name[2:]: LostCount(count=count, last_at=fields.get("t:" + name[2:], 0) / 1000.0)
+            for name, count in fields.items()
+            if name.startswith("n:")
+        }
 
     def close(self) -> None:
         try:

@@ -21,6 +21,7 @@ off (for test suites that want none).
 from __future__ import annotations
 
 from . import handlers as _handlers  # noqa: F401  (connects the worker signal handlers)
+from . import metrics as _metrics  # noqa: F401  (feeds the Prometheus metrics; after handlers)
 from . import startup as _startup  # noqa: F401  (checks the configuration at worker start)
 from .decorator import exclusive
 from .task import ExclusiveTask, is_skipped

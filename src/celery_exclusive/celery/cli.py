@@ -28,7 +28,7 @@ def _run(ctx: click.Context, command: Any, *args: Any, **kwargs: Any) -> None:
 
 @click.group(name="exclusive")
 def exclusive() -> None:
-    """List, show and release celery-exclusive leases."""
+    """List, show and release celery-exclusive leases; sum them up (stats)."""
 
 
 @exclusive.command(name="list")
@@ -57,3 +57,12 @@ def show_command(ctx: click.Context, key: str, as_json: bool) -> None:
 def release_command(ctx: click.Context, key: str, token: str | None, as_json: bool) -> None:
     """Force-release KEY (its holder will see its lease lost)."""
     _run(ctx, cli.release_lease, key, token=token, as_json=as_json)
+
+
+@exclusive.command(name="stats")
+@click.option("--match", help="Only keys matching this glob.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def stats_command(ctx: click.Context, match: str | None, as_json: bool) -> None:
+    """Leases per task, waiters, lost leases, store health and round trip."""
+    _run(ctx, cli.show_stats, match=match, as_json=as_json)

@@ -10,6 +10,9 @@ until the ETA. So the worker's ``revoke`` remote-control command is wrapped (onc
 ``worker_init``): after Celery's own revoke, the leases of the revoked tasks this worker holds
 scheduled are released at once. A revoked message that no worker has fetched keeps its enqueue
 lease until ``queue_ttl`` runs out (Celery sends nothing for it).
+
+A lost lease is counted in the store, per task, for the ``stats`` command (best effort, from a
+background thread: see :mod:`celery_exclusive.stats`).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from typing import Any
 
 from celery import signals
 
+from .. import stats
 from ..exceptions import ExclusiveError
 from ..releasing import get_releaser
+from . import signals as exclusive_signals
 from .config import store_for
 from .task import ExclusiveTask, _enqueue_key, _header
 
@@ -106,9 +111,24 @@ def release_scheduled_on_revoke(**_: Any) -> None:
     control.Panel.data["revoke"] = revoke
 
 
+def count_lost(sender: Any = None, **_: Any) -> None:
+    """``exclusive_lost``: count the loss in the store, for ``stats`` (never blocks)."""
+    if not isinstance(sender, ExclusiveTask):
+        return
+    try:
+        backend = store_for(sender.app).backend
+    except ExclusiveError:
+        return
+    stats.record_lost(backend, sender.name)
+
+
 def flush_releases(**_: Any) -> None:
-    """At a worker (or pool child) shutdown, try once more every release that failed."""
+    """At a worker (or pool child) shutdown, try once more every release that failed.
+
+    And send the lost-lease counts still queued (for a moment: they are best effort).
+    """
     get_releaser().flush()
+    stats.flush(timeout=2.0)
 
 
 signals.task_revoked.connect(release_on_revoke, weak=False)
@@ -116,3 +136,4 @@ signals.worker_init.connect(release_scheduled_on_revoke, weak=False)
 signals.worker_process_shutdown.connect(flush_releases, weak=False)
 signals.worker_shutdown.connect(flush_releases, weak=False)
 signals.task_postrun.connect(release_after_run, weak=False)
+exclusive_signals.exclusive_lost.connect(count_lost, weak=False)

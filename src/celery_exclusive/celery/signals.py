@@ -2,13 +2,14 @@
 
 Every signal is sent with the task as ``sender`` and keyword arguments::
 
-    exclusive_acquired   task_id, key, lease           a run took its lease
+    exclusive_acquired   task_id, key, lease, waited   a run took its lease (waited: seconds
+                                                        from asking for it to holding it)
     exclusive_conflict   task_id, key, holder, action  a run found the key held (action:
                                                         skip, raise, retry, wait, redelivered,
                                                         requeue: a pending copy goes back)
     exclusive_duplicate  key, existing_task_id, action  apply_async found a copy queued
     exclusive_lost       task_id, key, reason           a running task's lease was lost
-    exclusive_released   task_id, key, released         a run gave its lease back
+    exclusive_released   task_id, key, released, lease  a run gave its lease back
     exclusive_store_error  task_id, key, error, action  the store failed as a run started
                                                         (action: retry or fail)
 
@@ -34,7 +35,9 @@ __all__ = [
     "exclusive_store_error",
 ]
 
-exclusive_acquired = Signal(name="exclusive_acquired", providing_args={"task_id", "key", "lease"})
+exclusive_acquired = Signal(
+    name="exclusive_acquired", providing_args={"task_id", "key", "lease", "waited"}
+)
 exclusive_conflict = Signal(
     name="exclusive_conflict", providing_args={"task_id", "key", "holder", "action"}
 )
@@ -43,7 +46,7 @@ exclusive_duplicate = Signal(
 )
 exclusive_lost = Signal(name="exclusive_lost", providing_args={"task_id", "key", "reason"})
 exclusive_released = Signal(
-    name="exclusive_released", providing_args={"task_id", "key", "released"}
+    name="exclusive_released", providing_args={"task_id", "key", "released", "lease"}
 )
 exclusive_store_error = Signal(
     name="exclusive_store_error", providing_args={"task_id", "key", "error", "action"}

@@ -11,7 +11,8 @@ it consumes anything:
 * the store URL (scheme, db, numbers, query options), parsed without connecting; and that
   there is a store at all when a task needs one;
 * that no task asks for ``on_lock_lost="abort"`` on the eventlet pool, where a task cannot be
-  interrupted (its greenlets are not threads, and only gevent's are handled).
+  interrupted (its greenlets are not threads, and only gevent's are handled);
+* ``exclusive_metrics_port``: a port number, and prometheus-client installed when it is set.
 
 Why a bootstep, and not a plain ``worker_init`` handler: Celery catches and logs an exception
 raised by a signal handler and starts the worker anyway. An exception raised by a bootstep's
@@ -65,6 +66,9 @@ def check_app(app: Any, pool: str | None = None) -> list[str]:
                     f"task {task.name!r}: on_lock_lost='abort' cannot interrupt a task on the "
                     "eventlet pool; use prefork, threads, solo or gevent, or on_lock_lost='warn'"
                 )
+    from .metrics import check_settings as check_metrics
+
+    problems += check_metrics(app)
     given = app.conf.get("exclusive_url")
     url = given or find_url(app)
     enabled = settings.enabled if settings is not None else True

@@ -34,6 +34,7 @@ import logging
 import secrets
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, NoReturn
@@ -325,6 +326,7 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         store = store_for(self.app)
         task_id = str(request.id)
         abort = _Abort()
+        asked = time.monotonic()
         try:
             lease = self._take_run_lease(store, key, opts, task_id, request, abort)
         except _Skipped as skipped:
@@ -339,6 +341,7 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             # store error): its enqueue lease must not keep the key for queue_ttl.
             self._release_enqueue_lease(store, key, opts, task_id)
             raise
+        waited = time.monotonic() - asked
         call = self._release_enqueue_lease(store, key, opts, task_id)
         if call is not None:  # keep_last: run with the newest arguments handed to us
             args, kwargs = tuple(call.get("args") or ()), dict(call.get("kwargs") or {})
@@ -347,7 +350,9 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         if lease is None:
             return super().__call__(*args, **kwargs)
 
-        signals.exclusive_acquired.send(sender=self, task_id=task_id, key=key, lease=lease)
+        signals.exclusive_acquired.send(
+            sender=self, task_id=task_id, key=key, lease=lease, waited=waited
+        )
         request._exclusive_lease = lease
         retrying = ended = False
         try:
@@ -620,7 +625,9 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             )
             release_later(lease.backend, lease.key, lease.token, lease.ttl)
             released = False
-        signals.exclusive_released.send(sender=self, task_id=task_id, key=key, released=released)
+        signals.exclusive_released.send(
+            sender=self, task_id=task_id, key=key, released=released, lease=lease
+        )
 
     def _lost(self, task_id: str, key: str, reason: str, abort: _Abort) -> None:
         signals.exclusive_lost.send(sender=self, task_id=task_id, key=key, reason=reason)

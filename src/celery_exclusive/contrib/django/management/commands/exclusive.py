@@ -1,8 +1,8 @@
-"""``manage.py exclusive list|show KEY|release KEY [--token T] [--json]``.
+"""``manage.py exclusive list|show KEY|release KEY [--token T]|stats [--json]``.
 
-The same listing, lookup and release as the ``celery-exclusive`` command (the code is
-shared), on the store of the Django settings. Exit code 1 when ``show`` finds the key free or
-``release`` finds nothing to release.
+The same listing, lookup, release and stats as the ``celery-exclusive`` command (the code is
+shared), on the store of the Django settings. Exit code 1 when ``show`` finds the key free,
+``release`` finds nothing to release, or ``stats`` cannot reach the store.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from celery_exclusive.cli import list_leases, release_lease, show_lease
+from celery_exclusive.cli import list_leases, release_lease, show_lease, show_stats
 from celery_exclusive.contrib.django.conf import get_store
 from celery_exclusive.exceptions import ExclusiveError
 
 
 class Command(BaseCommand):
-    help = "List, show or force-release celery-exclusive leases of the configured store."
+    help = "List, show, force-release or sum up celery-exclusive leases of the configured store."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        sub = parser.add_subparsers(dest="action", metavar="{list,show,release}")
+        sub = parser.add_subparsers(dest="action", metavar="{list,show,release,stats}")
         sub.required = True
 
         p = sub.add_parser("list", help="list held leases")
@@ -37,6 +37,12 @@ class Command(BaseCommand):
         p.add_argument("--token", help="release only this holder")
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+        p = sub.add_parser(
+            "stats", help="leases per task, waiters, lost leases, store health and round trip"
+        )
+        p.add_argument("--match", help="only keys matching this glob")
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
     def handle(self, *args: Any, **options: Any) -> None:
         action = options["action"]
         # The shared functions print() and json.dump() in pieces; Django's OutputWrapper
@@ -47,6 +53,9 @@ class Command(BaseCommand):
             if action == "list":
                 code = list_leases(store, match=options["match"], as_json=options["json"], out=out)
                 failure = ""
+            elif action == "stats":
+                code = show_stats(store, match=options["match"], as_json=options["json"], out=out)
+                failure = "the store could not be reached"
             elif action == "show":
                 code = show_lease(store, options["key"], as_json=options["json"], out=out)
                 failure = f"no lease is held on {options['key']!r}"
