@@ -76,7 +76,8 @@ def test_celery_subcommand_uses_the_apps_store(redis_url: str, prefix: str) -> N
 
 def test_help_is_plain_text_without_rest_markup(capsys: pytest.CaptureFixture[str]) -> None:
     # Given the script's --help, and each sub-command's
-    for argv in (["--help"], *([name, "--help"] for name in ("list", "show", "release", "demo"))):
+    names = ("list", "show", "release", "stats", "demo")
+    for argv in (["--help"], *([name, "--help"] for name in names)):
         # When it is printed
         with pytest.raises(SystemExit) as exit_:
             main(argv)

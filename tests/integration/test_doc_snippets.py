@@ -218,7 +218,22 @@ def _skipped_result_block(block: Snippet, redis_url: str, prefix: str) -> None:
     assert skipped["reason"] == documented["reason"]
 
 
+def _compat_block(block: Snippet, redis_url: str, prefix: str) -> None:
+    from celery_exclusive.celery import ExclusiveTask
+    from celery_exclusive.compat import celery_once, celery_singleton
+
+    names: dict[str, Any] = {}
+    exec(block.code, names)  # the imports, as written
+    assert names["QueueOnce"] is celery_once.QueueOnce
+    assert names["Singleton"] is celery_singleton.Singleton
+    assert issubclass(names["QueueOnce"], ExclusiveTask)
+    assert issubclass(names["Singleton"], ExclusiveTask)
+    assert issubclass(names["AlreadyQueued"], Exception) and callable(names["clear_locks"])
+    # What they do on a real worker: tests/integration/test_compat_celery_*.py
+
+
 OTHER_BLOCKS: dict[str, Callable[[Snippet, str, str], None]] = {
+    "from celery_exclusive.compat.celery_once import QueueOnce": _compat_block,
     'store = connect("redis://localhost:6379/0")': _lease_block,
     'INSTALLED_APPS = [..., "celery_exclusive.contrib.django"]': _django_block,
     '{"exclusive": "skipped", "reason": "already running"': _skipped_result_block,
@@ -251,9 +266,11 @@ def test_the_readme_command_lines_work(redis_url: str, prefix: str) -> None:
         )  # fmt: skip
         assert done.returncode == 0, (line, done.stderr)
         outputs.append(done.stdout)
-    # When list, show, release and list --json ran; Then they saw it, freed it, and it is gone
-    listed, shown, _released, as_json = outputs
+    # When list, show, release, list --json and stats ran; Then they saw it, freed it, and it
+    # is gone
+    listed, shown, _released, as_json, stats = outputs
     assert key in listed and key in shown
     assert json.loads(as_json) == []
+    assert "store" in stats.lower(), stats
     assert lease.renew() is False  # its next renewal finds it gone
     assert not lease.held
