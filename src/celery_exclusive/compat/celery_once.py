@@ -54,7 +54,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -62,10 +61,9 @@ from typing import Any
 from celery import states
 from celery.result import EagerResult
 
-from ..celery.task import ExclusiveTask
 from ..exceptions import AlreadyQueued as _AlreadyQueued
 from ..exceptions import ConfigurationError
-from . import _adopt_settings, _checks
+from . import MigratedTask, _adopt_settings, _check_seconds, _checks
 
 __all__ = ["AlreadyQueued", "QueueOnce"]
 
@@ -104,7 +102,7 @@ class AlreadyQueued(_AlreadyQueued):
         return self.message
 
 
-class QueueOnce(ExclusiveTask):
+class QueueOnce(MigratedTask):
     """celery-once's task base: at most one queued or running copy per key.
 
     ``once={"graceful": bool, "keys": [...], "timeout": seconds, "unlock_before_run": bool}``
@@ -122,40 +120,20 @@ class QueueOnce(ExclusiveTask):
     """
 
     abstract = True
+    migrated_options = ("once",)
     #: celery-once's defaults; a task's own ``once`` replaces them, as in celery-once.
     once: Mapping[str, Any] = {"graceful": False, "unlock_before_run": False}
     exclusive_options: Mapping[str, Any] = {"hold": "until_done", "on_duplicate": "raise"}
-    #: The ``exclusive={...}`` given beside ``once`` (kept for subclasses).
-    _explicit_exclusive: Mapping[str, Any] = {}
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        once = cls.__dict__.get("once")
-        if once is not None:
-            _check_once(once, per_call=False)
-        explicit = cls.__dict__.get("exclusive")
-        if explicit is not None and not isinstance(explicit, property):
-            if not isinstance(explicit, Mapping):
-                raise ConfigurationError(
-                    f"exclusive options must be a dict, not {type(explicit).__name__}"
-                )
-            cls._explicit_exclusive = explicit
-        if once is not None or explicit is not None:
-            # Given as Celery gives task options (a class attribute): ExclusiveTask's own
-            # __init_subclass__ validates it, key names included, and takes it out.
-            options = {**_translate(cls.once), **cls._explicit_exclusive}
-            cls.exclusive = options  # type: ignore[method-assign,assignment]  # see above
-        super().__init_subclass__(**kwargs)
 
     @classmethod
-    def on_bound(cls, app: Any) -> None:
-        """Read the app's ``ONCE`` setting when the task is bound to it."""
-        super().on_bound(app)
-        try:
-            _once_settings(app)
-        except ConfigurationError as exc:
-            # Not raised here: it would leave the app half finalized. Every call raises it,
-            # and a worker refuses to start (CheckMigratedSettings).
-            logger.error("celery-exclusive: %s", exc)
+    def _migrated(cls) -> dict[str, Any]:
+        if "once" in cls.__dict__:
+            _check_once(cls.once, per_call=False)
+        return _translate(cls.once)
+
+    @classmethod
+    def _read_settings(cls, app: Any) -> None:
+        _once_settings(app)
 
     def get_key(self, args: Any = None, kwargs: Any = None) -> str:
         """Return the lease key of a call (ours: ``myapp.task:a=1``, not ``qo_myapp.task_a-1``)."""
@@ -249,17 +227,6 @@ def _check_once(value: object, *, per_call: bool) -> dict[str, Any]:
     if value.get("timeout") is not None:
         _check_seconds("once 'timeout'", value["timeout"])
     return dict(value)
-
-
-def _check_seconds(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(f"{name} must be seconds > 0, not {value!r}")
-    return float(value)
 
 
 def _once_settings(app: Any) -> float | None:

@@ -54,14 +54,12 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from ..celery.config import store_for
-from ..celery.task import ExclusiveTask
 from ..exceptions import AlreadyQueued, ConfigurationError, ExclusiveError
-from . import _adopt_settings, _checks
+from . import MigratedTask, _adopt_settings, _check_seconds, _checks
 
 __all__ = ["CelerySingletonException", "DuplicateTaskError", "Singleton", "clear_locks"]
 
@@ -96,7 +94,7 @@ class DuplicateTaskError(CelerySingletonException, AlreadyQueued):
         return str(self.args[0])
 
 
-class Singleton(ExclusiveTask):
+class Singleton(MigratedTask):
     """celery-singleton's task base: one queued or running copy per name and arguments.
 
     ::
@@ -124,10 +122,10 @@ class Singleton(ExclusiveTask):
     #: ``exclusive_queue_ttl``).
     lock_expiry: float | None = None
     exclusive_options: Mapping[str, Any] = {"hold": "until_done", "on_duplicate": "raise"}
-    _explicit_exclusive: Mapping[str, Any] = {}
+    migrated_options = ("unique_on",)
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        given = cls.__dict__
+    @classmethod
+    def _migrated(cls) -> dict[str, Any]:
         _check_unique_on(cls.unique_on)
         if cls.lock_expiry is not None:
             _check_seconds("lock_expiry", cls.lock_expiry)
@@ -135,30 +133,11 @@ class Singleton(ExclusiveTask):
             raise ConfigurationError(
                 f"raise_on_duplicate must be True, False or None, not {cls.raise_on_duplicate!r}"
             )
-        explicit = given.get("exclusive")
-        if explicit is not None and not isinstance(explicit, property):
-            if not isinstance(explicit, Mapping):
-                raise ConfigurationError(
-                    f"exclusive options must be a dict, not {type(explicit).__name__}"
-                )
-            cls._explicit_exclusive = explicit
-        if "unique_on" in given or explicit is not None:
-            # Given as Celery gives task options (a class attribute): ExclusiveTask's own
-            # __init_subclass__ validates it, key names included, and takes it out.
-            options = {**_translate(cls.unique_on), **cls._explicit_exclusive}
-            cls.exclusive = options  # type: ignore[method-assign,assignment]  # see above
-        super().__init_subclass__(**kwargs)
+        return _translate(cls.unique_on)
 
     @classmethod
-    def on_bound(cls, app: Any) -> None:
-        """Read the app's ``singleton_*`` settings when the task is bound to it."""
-        super().on_bound(app)
-        try:
-            _singleton_settings(app)
-        except ConfigurationError as exc:
-            # Not raised here: it would leave the app half finalized. Every call raises it,
-            # and a worker refuses to start (CheckMigratedSettings).
-            logger.error("celery-exclusive: %s", exc)
+    def _read_settings(cls, app: Any) -> None:
+        _singleton_settings(app)
 
     @property
     def _raise_on_duplicate(self) -> bool:
@@ -263,17 +242,6 @@ def _check_unique_on(value: object) -> None:
         return
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ConfigurationError(f"unique_on must be argument names, not {value!r}")
-
-
-def _check_seconds(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(f"{name} must be seconds > 0, not {value!r}")
-    return float(value)
 
 
 def _singleton_settings(app: Any) -> None:
