@@ -249,3 +249,27 @@ def test_a_stale_release_never_frees_the_next_holders_lock(worker: Worker, store
     assert [h.meta["task_id"] for h in store.holders(key)] == [second.id]
     with pytest.raises(AlreadyQueued):
         ca.once_job.apply_async(*call)
+
+
+def test_a_setting_that_cannot_be_honoured_fails_the_start_up_check() -> None:
+    # Given ONCE asking for blocking calls, which the leases do not offer
+    from celery import Celery
+
+    from celery_exclusive.celery.startup import check_app
+    from celery_exclusive.compat.celery_once import QueueOnce
+
+    app = Celery("once-bad", broker="memory://", set_as_current=False)
+    app.conf.ONCE = {
+        "backend": "celery_once.backends.Redis",
+        "settings": {"url": "redis://127.0.0.1:1/0", "blocking": True},
+    }
+
+    @app.task(base=QueueOnce, shared=False)
+    def first(n: int) -> None: ...
+
+    @app.task(base=QueueOnce, shared=False)
+    def second(n: int) -> None: ...
+
+    # When a worker's start-up check reads the app; Then it names the setting, once
+    problems = check_app(app)
+    assert len(problems) == 1 and "blocking" in problems[0], problems

@@ -34,6 +34,7 @@ from .. import metrics as core
 from ..exceptions import ConfigurationError
 from ..lease import Lease
 from . import signals
+from .startup import _pool_name, register_check
 
 __all__ = ["MetricsServer", "check_settings", "metrics_port"]
 
@@ -272,8 +273,6 @@ def prepare_worker(sender: Any = None, **_: Any) -> None:
 
 def _multiprocess_for(pool_cls: Any) -> str | None:
     """Turn on multiprocess mode for a prefork pool; return a problem, or None."""
-    from .startup import _pool_name
-
     if _pool_name(pool_cls) not in ("prefork", None):
         return None  # one process: the in-process registry sees every count
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -306,3 +305,4 @@ signals.exclusive_duplicate.connect(on_duplicate, weak=False)
 signals.exclusive_store_error.connect(on_store_error, weak=False)
 celery_signals.task_postrun.connect(after_run, weak=False)
 celery_signals.worker_init.connect(prepare_worker, weak=False)
+register_check(check_settings)

@@ -12,7 +12,8 @@ it consumes anything:
   there is a store at all when a task needs one;
 * that no task asks for ``on_lock_lost="abort"`` on the eventlet pool, where a task cannot be
   interrupted (its greenlets are not threads, and only gevent's are handled);
-* ``exclusive_metrics_port``: a port number, and prometheus-client installed when it is set.
+* what other parts of the package register with :func:`register_check` (the metrics port;
+  the migrated settings of the celery-once and celery-singleton bases).
 
 Why a bootstep, and not a plain ``worker_init`` handler: Celery catches and logs an exception
 raised by a signal handler and starts the worker anyway. An exception raised by a bootstep's
@@ -28,6 +29,7 @@ The same check is available as :func:`check_app` (a list of problems) and :func:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import bootsteps, signals
@@ -39,9 +41,18 @@ from ..store import validate_url
 from .config import find_url
 from .task import ExclusiveTask, _key_builder
 
-__all__ = ["CheckConfiguration", "check_app", "validate_app"]
+__all__ = ["CheckConfiguration", "check_app", "register_check", "validate_app"]
 
 logger = logging.getLogger(__name__)
+
+#: More checks of an app, each returning one message per problem (see register_check).
+_checks: list[Callable[[Any], list[str]]] = []
+
+
+def register_check(check: Callable[[Any], list[str]]) -> None:
+    """Run ``check(app)`` too (one message per problem) wherever the app is checked."""
+    if check not in _checks:
+        _checks.append(check)
 
 
 def check_app(app: Any, pool: str | None = None) -> list[str]:
@@ -66,9 +77,8 @@ def check_app(app: Any, pool: str | None = None) -> list[str]:
                     f"task {task.name!r}: on_lock_lost='abort' cannot interrupt a task on the "
                     "eventlet pool; use prefork, threads, solo or gevent, or on_lock_lost='warn'"
                 )
-    from .metrics import check_settings as check_metrics
-
-    problems += check_metrics(app)
+    for check in _checks:
+        problems += check(app)
     given = app.conf.get("exclusive_url")
     url = given or find_url(app)
     enabled = settings.enabled if settings is not None else True

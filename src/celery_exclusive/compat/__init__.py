@@ -11,9 +11,10 @@ from the original library's (``once={...}``; ``unique_on``, ``raise_on_duplicate
 onto ours. What stays the same and what changes is in each module's docstring and in
 ``docs/migrating.md``.
 
-This module holds what both bases share: adopting a migrated library's store settings as the
-app's ``exclusive_*`` settings, and a worker
-bootstep that refuses to start a worker whose migrated settings cannot be honoured.
+This module holds what both bases share: translating the original's task options
+(:class:`MigratedTask`), adopting its store settings as the app's ``exclusive_*`` settings, and
+the check, run with the worker's start-up check, that refuses a migrated setting that cannot be
+honoured.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import logging
 import math
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from celery import bootsteps, signals
-
 from ..celery.config import reset
+from ..celery.startup import register_check
 from ..celery.task import ExclusiveTask
 from ..exceptions import ConfigurationError
 
@@ -37,9 +37,6 @@ logger = logging.getLogger(__name__)
 
 _adopted: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, str]]] = weakref.WeakKeyDictionary()
 _adopted_lock = threading.Lock()
-
-#: Checks of migrated settings, one per compat module: each raises ConfigurationError.
-_checks: list[Callable[[Any], None]] = []
 
 
 def _adopt_settings(app: Any, values: Mapping[str, Any], source: str) -> None:
@@ -139,31 +136,26 @@ class MigratedTask(ExclusiveTask):
             cls._read_settings(app)
         except ConfigurationError as exc:
             # Not raised here: it would leave the app half finalized. Every call raises it,
-            # and a worker refuses to start (CheckMigratedSettings).
+            # and a worker refuses to start (check_migrated).
             logger.error("celery-exclusive: %s", exc)
 
 
-class CheckMigratedSettings(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
-    """A worker bootstep: a migrated setting that cannot be honoured stops the worker."""
-
-    label = "celery-exclusive migrated settings check"
-
-    def start(self, parent: Any) -> None:
-        """Run every compat module's check on the app; a ConfigurationError stops the worker."""
-        for check in _checks:
-            try:
-                check(parent.app)
-            except ConfigurationError as exc:
-                logger.critical(
-                    "celery-exclusive is misconfigured: %s; the worker does not start", exc
-                )
-                raise
-
-
-def _add_check_step(sender: Any = None, **_: Any) -> None:
-    app = getattr(sender, "app", None)
-    if app is not None:
-        app.steps["worker"].add(CheckMigratedSettings)
+def check_migrated(app: Any) -> list[str]:
+    """One message per migrated setting of ``app`` that cannot be honoured (for the worker's
+    start-up check, which then refuses to start)."""
+    problems = []
+    readers = {
+        # one reader per library, however many task classes use it
+        type(task)._read_settings.__func__: type(task)  # type: ignore[attr-defined]  # a bound classmethod
+        for task in app.tasks.values()
+        if isinstance(task, MigratedTask)
+    }
+    for cls in readers.values():
+        try:
+            cls._read_settings(app)
+        except ConfigurationError as exc:
+            problems.append(str(exc))
+    return problems
 
 
-signals.worker_init.connect(_add_check_step, weak=False)
+register_check(check_migrated)

@@ -63,7 +63,7 @@ from celery.result import EagerResult
 
 from ..exceptions import AlreadyQueued as _AlreadyQueued
 from ..exceptions import ConfigurationError
-from . import MigratedTask, _adopt_settings, _check_seconds, _checks
+from . import MigratedTask, _adopt_settings, _check_seconds
 
 __all__ = ["AlreadyQueued", "QueueOnce"]
 
@@ -277,11 +277,3 @@ def _warn_once(app: Any, message: str) -> None:
             return
         _warned.add(id(app))
     logger.warning(message)
-
-
-def _check_app(app: Any) -> None:
-    if any(isinstance(task, QueueOnce) for task in app.tasks.values()):
-        _once_settings(app)
-
-
-_checks.append(_check_app)

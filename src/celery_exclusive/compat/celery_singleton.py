@@ -59,7 +59,7 @@ from typing import Any
 
 from ..celery.config import store_for
 from ..exceptions import AlreadyQueued, ConfigurationError, ExclusiveError
-from . import MigratedTask, _adopt_settings, _check_seconds, _checks
+from . import MigratedTask, _adopt_settings, _check_seconds
 
 __all__ = ["CelerySingletonException", "DuplicateTaskError", "Singleton", "clear_locks"]
 
@@ -277,11 +277,3 @@ def _singleton_settings(app: Any) -> None:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "\\*?[]" else c for c in text)
-
-
-def _check_app(app: Any) -> None:
-    if any(isinstance(task, Singleton) for task in app.tasks.values()):
-        _singleton_settings(app)
-
-
-_checks.append(_check_app)
