@@ -1,5 +1,8 @@
 """Releases that failed, sent again from a background thread until they succeed or expire.
 
+(The same thread sends the other writes that must not hold up their caller and may be tried a
+few times: :meth:`Releaser.send_later`, used to count lost leases for ``stats``.)
+
 A release is owner-safe (the store frees a key only for the token that holds it), so sending
 it late is harmless. Losing it is not: a lease whose release failed in a store blip stays held
 until its ttl runs out, and for an enqueue lease that is ``queue_ttl`` (an hour), during which
@@ -23,6 +26,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,10 +47,9 @@ MAX_RETRY = 5.0
 
 @dataclass
 class _Pending:
-    backend: Backend
-    key: str
-    token: str
-    until: float  # monotonic: the lease has expired by then, nothing left to release
+    send: Callable[[], object]  # the write; done unless it raises
+    what: str  # for the log
+    until: float  # monotonic: given up by then (a lease has expired: nothing left to release)
     at: float  # monotonic: next try
     pause: float = FIRST_RETRY
 
@@ -60,15 +63,44 @@ class Releaser:
 
     def _reset_after_fork(self) -> None:
         self._cond = threading.Condition()
-        self._pending: dict[tuple[int, str, str], _Pending] = {}
+        self._pending: dict[object, _Pending] = {}
         self._thread: threading.Thread | None = None
 
     def release_later(self, backend: Backend, key: str, token: str, expires_in: float) -> None:
         """Send ``release(key, token)`` again until it succeeds or ``expires_in`` s passed."""
+
+        def release() -> None:
+            released = backend.release(key, token)
+            logger.info(
+                "released %r, whose release had failed%s",
+                key,
+                "" if released else " (it had expired meanwhile)",
+            )
+
+        self.send_later(
+            release,
+            f"releasing {key!r}",
+            expires_in=expires_in,
+            first_try=FIRST_RETRY,
+            ident=(id(backend), key, token),
+        )
+
+    def send_later(
+        self,
+        send: Callable[[], object],
+        what: str,
+        *,
+        expires_in: float,
+        first_try: float = 0.0,
+        ident: object = None,
+    ) -> None:
+        """Call ``send()`` from the background thread in ``first_try`` s, and again with
+        backoff while it raises, for at most ``expires_in`` s. A later call with the same
+        ``ident`` replaces it (a release is named by its lease, which :meth:`cancel` uses)."""
         now = time.monotonic()
-        entry = _Pending(backend, key, token, until=now + expires_in, at=now + FIRST_RETRY)
+        entry = _Pending(send, what, until=now + expires_in, at=now + first_try)
         with self._cond:
-            self._pending[(id(backend), key, token)] = entry
+            self._pending[object() if ident is None else ident] = entry
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="celery-exclusive-releaser", daemon=True
@@ -86,7 +118,7 @@ class Releaser:
         return len(self._pending)
 
     def flush(self) -> None:
-        """Try every queued release once now (at exit); forget them."""
+        """Try every queued release (and other write) once now (at exit); forget them."""
         with self._cond:
             pending, self._pending = list(self._pending.values()), {}
         for entry in pending:
@@ -96,7 +128,7 @@ class Releaser:
         while True:
             with self._cond:
                 now = time.monotonic()
-                due = [e for e in self._pending.values() if e.at <= now]
+                due = [(i, e) for i, e in self._pending.items() if e.at <= now]
                 if not due:
                     if not self._pending:
                         self._cond.wait(60.0)
@@ -106,10 +138,9 @@ class Releaser:
                         continue
                     self._cond.wait(min(e.at for e in self._pending.values()) - now)
                     continue
-            for entry in due:
+            for ident, entry in due:
                 done = self._try(entry)
                 with self._cond:
-                    ident = (id(entry.backend), entry.key, entry.token)
                     if self._pending.get(ident) is not entry:
                         continue  # cancelled, or queued anew meanwhile
                     now = time.monotonic()
@@ -122,18 +153,13 @@ class Releaser:
     @staticmethod
     def _try(entry: _Pending) -> bool:
         try:
-            released = entry.backend.release(entry.key, entry.token)
+            entry.send()
         except BackendError as exc:
-            logger.debug("releasing %r failed again: %s", entry.key, exc)
+            logger.debug("%s failed again: %s", entry.what, exc)
             return False
         except Exception:  # the thread must survive anything a backend does
-            logger.exception("releasing %r failed", entry.key)
+            logger.exception("%s failed", entry.what)
             return False
-        logger.info(
-            "released %r, whose release had failed%s",
-            entry.key,
-            "" if released else " (it had expired meanwhile)",
-        )
         return True
 
 

@@ -9,31 +9,26 @@ Lost leases are counted in the store by the processes that lose them (:func:`rec
 called by the Celery worker when a task's lease is lost), in a small record of at most
 :data:`~celery_exclusive.backends.base.MAX_LOST_TASKS` task names. Best effort: a lease is
 lost most often *because* the store is unreachable, so the count is sent from a background
-thread, tried a few times, and dropped if the store does not answer; Prometheus'
+thread, tried again for a moment, and dropped if the store does not answer; Prometheus'
 ``celery_exclusive_lost_total`` (see ``docs/metrics.md``) counts every loss in the process.
 """
 
 from __future__ import annotations
 
-import collections
-import logging
 import statistics
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import forking
 from .exceptions import ExclusiveError
+from .releasing import get_releaser
 
 if TYPE_CHECKING:
     from .backends.base import Backend, LeaseInfo
     from .store import Store
 
 __all__ = ["StoreStats", "TaskStats", "collect", "record_lost"]
-
-logger = logging.getLogger(__name__)
 
 #: The key read to measure the store's round trip (never held: a read of a free key).
 PING_KEY = "celery-exclusive-ping"
@@ -150,87 +145,19 @@ def _per_task(
 
 # -- counting lost leases in the store, from a background thread -------------------------------
 
-#: Losses waiting to be sent; more than this (a store down for long) are dropped.
-MAX_PENDING = 1000
-_TRIES = 3
-
-
-class _Recorder:
-    """Sends lost-lease counts from one daemon thread (started on first use)."""
-
-    def __init__(self) -> None:
-        self._reset_after_fork()
-        forking.call_after_fork(self, _Recorder._reset_after_fork)
-
-    def _reset_after_fork(self) -> None:
-        self._cond = threading.Condition()
-        self._pending: collections.deque[tuple[Backend, str]] = collections.deque(
-            maxlen=MAX_PENDING
-        )
-        self._thread: threading.Thread | None = None
-        self._busy = False
-
-    def add(self, backend: Backend, task: str) -> None:
-        with self._cond:
-            self._pending.append((backend, task))
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="celery-exclusive-stats", daemon=True
-                )
-                self._thread.start()
-            self._cond.notify()
-
-    def flush(self, timeout: float) -> bool:
-        """Wait until every queued count was sent or dropped; False if ``timeout`` passed."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._pending or self._busy:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(min(remaining, 0.05))
-        return True
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending:
-                    self._cond.wait()
-                backend, task = self._pending.popleft()
-                self._busy = True
-            try:
-                self._send(backend, task)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
-
-    @staticmethod
-    def _send(backend: Backend, task: str) -> None:
-        pause = 0.2
-        for attempt in range(_TRIES):
-            try:
-                backend.record_lost(task)
-                return
-            except ExclusiveError:
-                if attempt == _TRIES - 1:
-                    logger.debug("could not count a lost lease of %s", task, exc_info=True)
-                    return
-            time.sleep(pause)  # a pause between tries of a background send, not a poll
-            pause *= 2
-
-
-_recorder = _Recorder()
+#: How long a count is tried again (with backoff) while the store does not answer.
+LOST_COUNT_TRIES_FOR = 1.5
 
 
 def record_lost(backend: Backend, task: str) -> None:
     """Count a lost lease of ``task`` in the store, soon, from a background thread.
 
-    Never blocks the caller (the renewal thread, which reports losses) and never raises.
+    Never blocks the caller (the renewal thread, which reports losses) and never raises. The
+    thread is the one that retries failed releases (:mod:`celery_exclusive.releasing`), which
+    also sends what is still queued at a worker's shutdown.
     """
-    _recorder.add(backend, task)
-
-
-def flush(timeout: float = 5.0) -> bool:
-    """Wait for the queued lost-lease counts to be sent (for tests and shutdown)."""
-    return _recorder.flush(timeout)
+    get_releaser().send_later(
+        lambda: backend.record_lost(task),
+        f"counting a lost lease of {task}",
+        expires_in=LOST_COUNT_TRIES_FOR,
+    )

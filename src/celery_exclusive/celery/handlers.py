@@ -123,12 +123,9 @@ def count_lost(sender: Any = None, **_: Any) -> None:
 
 
 def flush_releases(**_: Any) -> None:
-    """At a worker (or pool child) shutdown, try once more every release that failed.
-
-    And send the lost-lease counts still queued (for a moment: they are best effort).
-    """
+    """At a worker (or pool child) shutdown, try once more every release that failed (and
+    send the lost-lease counts still queued)."""
     get_releaser().flush()
-    stats.flush(timeout=2.0)
 
 
 signals.task_revoked.connect(release_on_revoke, weak=False)
