@@ -65,7 +65,7 @@ from typing import TypeAlias
 
 from celery_exclusive.exceptions import ConfigurationError, KeyArgumentError
 
-__all__ = ["KeyBuilder", "canonical", "make_key"]
+__all__ = ["KeyBuilder", "canonical", "glob_escape", "make_key"]
 
 _Piece: TypeAlias = tuple[str, str | None, str | None, str | None]
 """One piece of a parsed format string: literal text, field name, format spec, conversion."""
@@ -658,3 +658,8 @@ def make_key(
     """
     builder = KeyBuilder(name, func, key, skip_first=skip_first, max_length=max_length)
     return builder.build(args, kwargs)
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a glob that matches it literally (for ``store.leases(match)``, Redis SCAN)."""
+    return "".join("\\" + c if c in "\\*?[]" else c for c in text)

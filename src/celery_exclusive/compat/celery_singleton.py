@@ -59,6 +59,7 @@ from typing import Any
 
 from ..celery.config import store_for
 from ..exceptions import AlreadyQueued, ConfigurationError, ExclusiveError
+from ..keys import glob_escape
 from . import MigratedTask, _adopt_settings, _check_seconds
 
 __all__ = ["CelerySingletonException", "DuplicateTaskError", "Singleton", "clear_locks"]
@@ -219,7 +220,7 @@ def clear_locks(app: Any) -> int:
     names = sorted({task.name for task in app.tasks.values() if isinstance(task, Singleton)})
     freed = 0
     for name in names:
-        for info in list(store.leases(_glob_escape(name) + "*")):
+        for info in list(store.leases(glob_escape(name) + "*")):
             if not (info.key == name or info.key.startswith((name + ":", name + "@"))):
                 continue
             for holder in info.holders:
@@ -273,7 +274,3 @@ def _singleton_settings(app: Any) -> None:
             "singleton_backend_kwargs is not supported: put connection options in the URL's "
             "query (?socket_timeout=5), or set exclusive_url to a redis-py client"
         )
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "\\*?[]" else c for c in text)

@@ -12,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from ..keys import glob_escape
+
 __all__ = ["remove_prefixed", "remove_queue"]
 
 
 def remove_prefixed(client: Any, prefix: str) -> int:
     """Delete every key that starts with ``prefix + ":"``; return how many were deleted."""
-    pattern = "".join(f"[{c}]" if c in "*?[]\\" else c for c in prefix) + ":*"
+    pattern = glob_escape(prefix) + ":*"
     deleted = 0
     batch: list[bytes] = []
     for key in client.scan_iter(match=pattern, count=500):
