@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from . import events, forking
 from .backends.base import Conflict, Holder, encode_meta
 from .exceptions import AlreadyHeld, BackendError, ConfigurationError, LeaseLost, Timeout
+from .releasing import get_releaser, settle
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -166,7 +167,13 @@ class Lease:
 
     # -- operations -----------------------------------------------------------------------
 
-    def acquire(self, blocking: bool | None = None, timeout: float | None = None) -> bool:
+    def acquire(
+        self,
+        blocking: bool | None = None,
+        timeout: float | None = None,
+        *,
+        take_over: str | None = None,
+    ) -> bool:
         """Try to take the lease; return True on success.
 
         Non-blocking by default. With ``blocking=True`` (or a ``timeout``), wait until the
@@ -174,6 +181,10 @@ class Lease:
         ``timeout`` seconds (None: no limit). A waiter also re-checks when the current
         holder's lease is due to expire, so a holder that died without releasing is noticed.
         Taking a lease we already hold extends it and keeps its fence.
+
+        ``take_over``: the token of a grant to move to this lease first, keeping its fence
+        (a queued message's grant taken by the run of that message); raises
+        ConfigurationError on a store that cannot hand a grant over.
         """
         self._check_fork()
         if timeout is not None:
@@ -183,17 +194,30 @@ class Lease:
         if blocking is None:
             blocking = False
         deadline = None if timeout is None else time.monotonic() + timeout
+        settle(self.backend, self.key)  # a release of ours still on its way: let it land
         while True:
             sent = time.monotonic()
             waits = 0.0 if not blocking else 3600.0 if deadline is None else deadline - sent
-            result = self.backend.acquire(
-                self.key,
-                self.token,
-                ttl=self.ttl,
-                limit=self.limit,
-                meta=self._meta_json,
-                wait=max(waits, 0.0),
-            )
+            if take_over is not None:
+                result = self.backend.take_over(
+                    self.key,
+                    take_over,
+                    self.token,
+                    ttl=self.ttl,
+                    limit=self.limit,
+                    meta=self._meta_json,
+                    wait=max(waits, 0.0),
+                )
+                take_over = None  # moved, or nothing was there to move
+            else:
+                result = self.backend.acquire(
+                    self.key,
+                    self.token,
+                    ttl=self.ttl,
+                    limit=self.limit,
+                    meta=self._meta_json,
+                    wait=max(waits, 0.0),
+                )
             if not isinstance(result, Conflict):
                 self._granted(result.fence, sent)
                 return True
@@ -214,17 +238,53 @@ class Lease:
         A late or doubled release returns False and never frees another owner's lease. In a
         process forked from the one that holds it, it returns False and frees nothing.
         """
+        if not self._end_grant():
+            return False
+        released = self.backend.release(self.key, self.token)
+        events.lease_released.send(lease=self, released=released)
+        return released
+
+    def release_soon(self, then: Callable[[bool], object] | None = None) -> None:
+        """Give the lease back without waiting for the store's answer.
+
+        The release is sent now, so that whatever this process does next (a worker storing
+        the task's result) reaches the store after it; this process's background thread reads
+        the answer, fires ``lease_released`` and calls ``then(released)``, and sends the
+        release again if it failed, until it succeeds or the lease has expired (see
+        :mod:`celery_exclusive.releasing`). An acquire of the same key in this process waits
+        for that answer first. On a store that cannot send without waiting, the release is
+        made here, as :meth:`release` does. Never raises for a store error.
+        """
+        if not self._end_grant():
+            return
+
+        def done(released: bool) -> None:
+            events.lease_released.send(lease=self, released=released)
+            if then is not None:
+                then(released)
+
+        releaser = get_releaser()
+        try:
+            answer = self.backend.send_release(self.key, self.token)
+            if answer is not None:
+                releaser.read_later(answer, self.backend, self.key, self.token, self.ttl, done)
+                return
+            released = self.backend.release(self.key, self.token)
+        except BackendError:
+            logger.warning("releasing %r failed: trying again in the background", self.key)
+            releaser.release_later(self.backend, self.key, self.token, self.ttl, done)
+            return
+        done(released)
+
+    def _end_grant(self) -> bool:
+        """Forget the grant locally and stop renewing it; return whether there was one."""
         self._check_fork()
         with self._lock:
             was_granted = self._fence is not None and self._deadline > 0
             self._deadline = 0.0
         if self._renewer is not None:
             self._renewer.discard(self)
-        if not was_granted:
-            return False
-        released = self.backend.release(self.key, self.token)
-        events.lease_released.send(lease=self, released=released)
-        return released
+        return was_granted
 
     def detach(self) -> None:
         """Stop renewing and forget the grant locally, leaving it in the store to expire.

@@ -1,22 +1,42 @@
-"""Releases that failed, sent again from a background thread until they succeed or expire.
+"""Releases that nobody waits for: read, or sent again, from one background thread.
 
-(The same thread sends the other writes that must not hold up their caller and may be tried a
-few times: :meth:`Releaser.send_later`, used to count lost leases for ``stats``.)
+Two kinds of release go through the process's :class:`Releaser`:
 
-A release is owner-safe (the store frees a key only for the token that holds it), so sending
-it late is harmless. Losing it is not: a lease whose release failed in a store blip stays held
-until its ttl runs out, and for an enqueue lease that is ``queue_ttl`` (an hour), during which
-every call of the key is answered with the old task. So a release that raised
-:class:`BackendError` is handed to :func:`release_later`::
+* **A release sent, its answer not yet read** (:meth:`Lease.release_soon`, used at the end of
+  every worker run). The request is written to the store by the task's own thread, before
+  Celery stores the task's result; this thread reads the answer. So the task does not wait a
+  round trip for it, and nothing changes for anyone else::
 
-    t=0     release fails (store unreachable)      -> queued here, until the lease's expiry
-    t=0.2   tried again, fails                     -> next try after 0.4 s, then 0.8 s, ... 5 s
-    t=3     the store answers: released            -> a waiter on the key is woken as usual
-    t>=exp  never answered until the expiry        -> dropped: the store has freed it anyway
+      t=0      the body ends; release written to the store    (the key is freed by the
+               store as it runs the script, as before: never before the body ended)
+      t=0+     Celery stores the result                       (after the release, on the
+                                                               same connection order: a
+                                                               caller that sees the result and
+                                                               calls again finds the key free)
+      t=0+rtt  this thread reads "released" (or retries)      -> signals, metrics
 
-:meth:`Releaser.cancel` forgets a queued release when its owner takes the key again (a task's
-retry takes its enqueue lease again with the same task id). At interpreter exit each queued
-release is tried once more. In a forked child the queue starts empty (it is the parent's).
+  A waiter is woken by the release script itself, whoever reads its answer. An acquire in this
+  process of a key whose release is still unanswered first waits for that answer
+  (:func:`settle`), so a process never finds itself in its own way.
+
+* **A release that failed** (the store did not answer; :func:`release_later`). A lease whose
+  release failed in a store blip stays held until its ttl runs out, and for an enqueue lease
+  that is ``queue_ttl`` (an hour), during which every call of the key is answered with the old
+  task. So it is sent again until it succeeds or the lease has expired::
+
+      t=0     release fails (store unreachable)      -> queued here, until the lease's expiry
+      t=0.2   tried again, fails                     -> next try after 0.4 s, then 0.8 s, ... 5 s
+      t=3     the store answers: released            -> a waiter on the key is woken as usual
+      t>=exp  never answered until the expiry        -> dropped: the store has freed it anyway
+
+The same thread sends the other writes that must not hold up their caller and may be tried a
+few times (:meth:`Releaser.send_later`, used to count lost leases for ``stats``).
+:meth:`Releaser.cancel` forgets a queued retry when its owner takes the key again (a task's
+retry takes its enqueue lease again with the same task id). At worker (and pool child)
+shutdown and at interpreter exit, :meth:`Releaser.flush` reads every answer still due and tries
+each queued release once more. A process killed before that (SIGKILL) leaves its last lease to
+expire within ``ttl``, as a run killed mid-body always did. In a forked child the queue starts
+empty (it is the parent's).
 """
 
 from __future__ import annotations
@@ -36,7 +56,7 @@ from .exceptions import BackendError
 if TYPE_CHECKING:
     from .backends.base import Backend
 
-__all__ = ["Releaser", "get_releaser", "release_later"]
+__all__ = ["Releaser", "get_releaser", "release_later", "settle"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +67,18 @@ MAX_RETRY = 5.0
 
 @dataclass
 class _Pending:
-    send: Callable[[], object]  # the write; done unless it raises
+    send: Callable[[], object]  # the write (or the read of its answer); done unless it raises
     what: str  # for the log
     until: float  # monotonic: given up by then (a lease has expired: nothing left to release)
     at: float  # monotonic: next try
     pause: float = FIRST_RETRY
+    key: tuple[int, str] | None = None  # (backend, key) of a release whose answer is unread
+    claimed: bool = False  # being tried now (by the thread, or by flush)
 
 
 class Releaser:
-    """Tries queued releases again from one daemon thread (started on first use)."""
+    """Reads release answers and tries queued writes again from one daemon thread (started on
+    first use)."""
 
     def __init__(self) -> None:
         self._reset_after_fork()
@@ -64,10 +87,19 @@ class Releaser:
     def _reset_after_fork(self) -> None:
         self._cond = threading.Condition()
         self._pending: dict[object, _Pending] = {}
+        self._unanswered: dict[tuple[int, str], int] = {}  # (backend, key) -> answers unread
         self._thread: threading.Thread | None = None
 
-    def release_later(self, backend: Backend, key: str, token: str, expires_in: float) -> None:
-        """Send ``release(key, token)`` again until it succeeds or ``expires_in`` s passed."""
+    def release_later(
+        self,
+        backend: Backend,
+        key: str,
+        token: str,
+        expires_in: float,
+        then: Callable[[bool], object] | None = None,
+    ) -> None:
+        """Send ``release(key, token)`` again until it succeeds or ``expires_in`` s passed;
+        then call ``then(released)`` (from the background thread)."""
 
         def release() -> None:
             released = backend.release(key, token)
@@ -76,6 +108,8 @@ class Releaser:
                 key,
                 "" if released else " (it had expired meanwhile)",
             )
+            if then is not None:
+                then(released)
 
         self.send_later(
             release,
@@ -83,6 +117,33 @@ class Releaser:
             expires_in=expires_in,
             first_try=FIRST_RETRY,
             ident=(id(backend), key, token),
+        )
+
+    def read_later(
+        self,
+        answer: Callable[[], bool],
+        backend: Backend,
+        key: str,
+        token: str,
+        expires_in: float,
+        then: Callable[[bool], object],
+    ) -> None:
+        """Read the answer of a release already sent (``answer()``) from the background
+        thread, and call ``then(released)``; if reading fails, send the release again as
+        :meth:`release_later` does."""
+        state = {"answer": answer}
+
+        def complete() -> None:
+            read = state.pop("answer", None)
+            released = read() if read is not None else backend.release(key, token)
+            then(released)
+
+        self.send_later(
+            complete,
+            f"releasing {key!r}",
+            expires_in=expires_in,
+            ident=(id(backend), key, token),
+            unanswered=(id(backend), key),
         )
 
     def send_later(
@@ -93,14 +154,24 @@ class Releaser:
         expires_in: float,
         first_try: float = 0.0,
         ident: object = None,
+        unanswered: tuple[int, str] | None = None,
     ) -> None:
         """Call ``send()`` from the background thread in ``first_try`` s, and again with
         backoff while it raises, for at most ``expires_in`` s. A later call with the same
-        ``ident`` replaces it (a release is named by its lease, which :meth:`cancel` uses)."""
+        ``ident`` replaces it (a release is named by its lease, which :meth:`cancel` uses).
+        ``unanswered``: the (backend, key) whose release answer ``send`` reads (see settle)."""
         now = time.monotonic()
-        entry = _Pending(send, what, until=now + expires_in, at=now + first_try)
+        entry = _Pending(send, what, until=now + expires_in, at=now + first_try, key=unanswered)
         with self._cond:
-            self._pending[object() if ident is None else ident] = entry
+            ident = object() if ident is None else ident
+            replaced = self._pending.get(ident)
+            if replaced is not None and replaced.claimed:
+                ident = object()  # being tried now: both run (a release is safe to repeat)
+            elif replaced is not None:
+                self._answered(replaced)
+            self._pending[ident] = entry
+            if unanswered is not None:
+                self._unanswered[unanswered] = self._unanswered.get(unanswered, 0) + 1
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="celery-exclusive-releaser", daemon=True
@@ -109,26 +180,72 @@ class Releaser:
             self._cond.notify_all()
 
     def cancel(self, backend: Backend, key: str, token: str) -> None:
-        """Forget a queued release of ``key`` by ``token`` (its owner holds the key again)."""
+        """Forget a queued retry of the release of ``key`` by ``token`` (its owner holds the
+        key again). A release whose answer is still unread is read all the same."""
         if self._pending:  # the common case costs one attribute read
             with self._cond:
-                self._pending.pop((id(backend), key, token), None)
+                ident = (id(backend), key, token)
+                entry = self._pending.get(ident)
+                if entry is not None and entry.key is None and not entry.claimed:
+                    del self._pending[ident]
+
+    def settle(self, backend: Backend, key: str, timeout: float = 5.0) -> None:
+        """Wait (at most ``timeout`` s) for the answers of this process's releases of ``key``
+        that are still unread: the store has them, but maybe not yet run them."""
+        if threading.current_thread() is self._thread:
+            return  # a receiver called from this thread must not wait for itself
+        deadline = time.monotonic() + timeout
+        name = (id(backend), key)
+        with self._cond:
+            while self._unanswered.get(name):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(remaining)
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def flush(self) -> None:
-        """Try every queued release (and other write) once now (at exit); forget them."""
+    def flush(self, timeout: float = 10.0) -> None:
+        """Read every answer still due and try every queued write once, now (at shutdown);
+        forget them. Waits at most ``timeout`` s for those the thread is trying."""
+        deadline = time.monotonic() + timeout
         with self._cond:
-            pending, self._pending = list(self._pending.values()), {}
-        for entry in pending:
+            mine = [e for e in self._pending.values() if not e.claimed]
+            for entry in mine:
+                entry.claimed = True
+            # Forgotten after this one try; the thread's own finish theirs.
+            self._pending = {i: e for i, e in self._pending.items() if not _in(e, mine)}
+        for entry in mine:
             self._try(entry)
+        with self._cond:
+            for entry in mine:
+                self._answered(entry)
+            while any(e.claimed for e in self._pending.values()):
+                if time.monotonic() >= deadline:
+                    break
+                self._cond.wait(deadline - time.monotonic())
+            self._pending = {}
+
+    def _answered(self, entry: _Pending) -> None:
+        """``entry``'s answer was read (or never will be): settle() need not wait for it.
+        Call with the condition held."""
+        if entry.key is not None:
+            left = self._unanswered.get(entry.key, 0) - 1
+            if left > 0:
+                self._unanswered[entry.key] = left
+            else:
+                self._unanswered.pop(entry.key, None)
+            entry.key = None
+            self._cond.notify_all()
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 now = time.monotonic()
-                due = [(i, e) for i, e in self._pending.items() if e.at <= now]
+                due = [
+                    (i, e) for i, e in self._pending.items() if e.at <= now and not e.claimed
+                ]
                 if not due:
                     if not self._pending:
                         self._cond.wait(60.0)
@@ -136,19 +253,25 @@ class Releaser:
                             self._thread = None
                             return
                         continue
-                    self._cond.wait(min(e.at for e in self._pending.values()) - now)
+                    waits = [e.at for e in self._pending.values() if not e.claimed]
+                    self._cond.wait(min(waits) - now if waits else 1.0)
                     continue
+                for _, entry in due:
+                    entry.claimed = True
             for ident, entry in due:
                 done = self._try(entry)
                 with self._cond:
+                    entry.claimed = False
+                    self._answered(entry)
                     if self._pending.get(ident) is not entry:
-                        continue  # cancelled, or queued anew meanwhile
+                        continue  # flushed or replaced meanwhile
                     now = time.monotonic()
                     if done or now >= entry.until:
                         del self._pending[ident]
                     else:
                         entry.pause = min(entry.pause * 2, MAX_RETRY)
                         entry.at = min(now + entry.pause, entry.until)
+                    self._cond.notify_all()
 
     @staticmethod
     def _try(entry: _Pending) -> bool:
@@ -161,6 +284,10 @@ class Releaser:
             logger.exception("%s failed", entry.what)
             return False
         return True
+
+
+def _in(entry: _Pending, entries: list[_Pending]) -> bool:
+    return any(entry is e for e in entries)
 
 
 _releaser: Releaser | None = None
@@ -177,9 +304,25 @@ def get_releaser() -> Releaser:
         return _releaser
 
 
-def release_later(backend: Backend, key: str, token: str, expires_in: float) -> None:
+def release_later(
+    backend: Backend,
+    key: str,
+    token: str,
+    expires_in: float,
+    then: Callable[[bool], object] | None = None,
+) -> None:
     """Queue ``release(key, token)`` on this process's :class:`Releaser`."""
-    get_releaser().release_later(backend, key, token, expires_in)
+    get_releaser().release_later(backend, key, token, expires_in, then)
+
+
+def settle(backend: Backend, key: str) -> None:
+    """Wait for the unread answers of this process's releases of ``key`` (see Releaser.settle).
+
+    Costs one attribute read when there are none.
+    """
+    releaser = _releaser
+    if releaser is not None and releaser._unanswered:
+        releaser.settle(backend, key)
 
 
 forking.replace_after_fork(sys.modules[__name__], "_releaser_lock", threading.Lock)

@@ -373,6 +373,35 @@ def test_hand_over_can_give_the_new_owner_its_own_metadata(store: Store) -> None
     assert store.holders("job")[0].meta == {"state": "running", "node": "worker@a"}
 
 
+def test_take_over_moves_a_grant_into_a_lease_or_grants_anew(store: Store) -> None:
+    run = store.lease("job", token="task-1/run", meta={"state": "running"}, auto_renew=False)
+    if type(store.backend).hand_over is Backend.hand_over:
+        with pytest.raises(ConfigurationError, match="cannot hand a lease over"):
+            run.acquire(take_over="task-1")
+        assert store.holders("job") == []
+        return
+    # Given a queued message's grant owned by its task id
+    queued = store.lease("job", token="task-1", meta={"state": "queued"})
+    queued.acquire()
+    # When its run takes it over in one acquire
+    assert run.acquire(take_over="task-1")
+    # Then the run holds that grant (same fence) with its own metadata, and nobody else does
+    (holder,) = store.holders("job")
+    assert (holder.token, holder.fence) == ("task-1/run", queued.fence) == (run.token, run.fence)
+    assert holder.meta["state"] == "running"
+    assert not store.lease("job", token="task-2").acquire()
+    assert run.release()
+    # With nothing to take over (its grant expired, or was never taken) it is a plain acquire
+    later = store.lease("job", token="task-3/run", auto_renew=False)
+    assert later.acquire(take_over="task-3")
+    assert later.fence is not None and later.fence > queued.fence  # type: ignore[operator]
+    # and a key another owner holds is refused, that owner's grant untouched
+    refused = store.lease("job", token="task-4/run", auto_renew=False)
+    assert not refused.acquire(take_over="task-4")
+    assert [h.token for h in store.holders("job")] == ["task-3/run"]
+    later.release()
+
+
 # -- regressions: wake-ups, blocking with, limits, force_release --------------------------------
 
 

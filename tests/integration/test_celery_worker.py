@@ -56,3 +56,22 @@ def test_bursts_of_duplicates_never_overlap(worker: Worker, celery_env: CeleryEn
         assert any(h["key"] == key for h in history)
     # and no lease is left behind
     wait_until(lambda: list(store_for(ca.app).leases()) == [], 10, "every lease to be released")
+
+
+def test_a_call_made_after_the_result_finds_the_key_free(
+    worker: Worker, celery_env: CeleryEnv
+) -> None:
+    # The worker does not wait for the release's answer, but sends the release before Celery
+    # stores the result: a caller that has seen the result and calls again is never skipped.
+    tag = celery_env.tag()
+    for i in range(15):
+        first = ca.sync_customer.delay(77, tag=tag, duration=0)
+        assert not is_skipped(wait_for([first])[0])
+        again = ca.sync_customer.delay(77, tag=tag, duration=0)
+        assert not is_skipped(wait_for([again])[0]), f"skipped after the result, round {i}"
+    # A worker of one process runs calls queued back to back one after the other: the next
+    # run's acquire waits for the previous run's release still on its way, never skipped.
+    if worker.concurrency == 1:
+        queued = [ca.sync_customer.delay(78, tag=tag, duration=0) for _ in range(20)]
+        assert not any(is_skipped(v) for v in wait_for(queued))
+    check_history(ca.read_history(tag))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -192,6 +192,12 @@ class Backend(abc.ABC):
         Return True only if ``token`` held a live lease; never touch another token's lease.
         """
 
+    def send_release(self, key: str, token: str) -> Callable[[], bool] | None:
+        """Send :meth:`release` without waiting for its answer; return the function that
+        reads the answer (it may raise BackendError), or None when this store cannot (then
+        nothing was sent)."""
+        return None
+
     @abc.abstractmethod
     def renew(self, requests: Sequence[RenewRequest]) -> list[bool]:
         """Extend every lease in ``requests`` that its token still holds, in one round trip.
@@ -261,6 +267,26 @@ class Backend(abc.ABC):
         falls back to one owner per task id without it).
         """
         raise ConfigurationError(f"the {self.describe()} store cannot hand a lease over")
+
+    def take_over(
+        self,
+        key: str,
+        old_token: str,
+        token: str,
+        *,
+        ttl: float,
+        limit: int,
+        meta: str,
+        wait: float = 0.0,
+    ) -> Grant | Conflict:
+        """:meth:`hand_over` from ``old_token`` to ``token`` (with ``meta``), then
+        :meth:`acquire` for ``token``: the grant moved over (same fence), else a new one.
+
+        Raises ConfigurationError on a store that cannot hand over. A backend may send both
+        steps in one round trip; the second sees the first's result either way.
+        """
+        self.hand_over(key, old_token, token, ttl, meta=meta)
+        return self.acquire(key, token, ttl=ttl, limit=limit, meta=meta, wait=wait)
 
     def waiting(self, keys: Sequence[str]) -> list[bool] | None:
         """Whether a refused caller waits for a release of each of ``keys``, in one round trip.

@@ -202,12 +202,35 @@ class RedisBackend(Backend):
     def acquire(
         self, key: str, token: str, *, ttl: float, limit: int, meta: str, wait: float = 0.0
     ) -> Grant | Conflict:
+        reply = self._call(*self._acquire_call(key, token, ttl, limit, meta, wait))
+        return self._granted(key, limit, reply)
+
+    def take_over(
+        self,
+        key: str,
+        old_token: str,
+        token: str,
+        *,
+        ttl: float,
+        limit: int,
+        meta: str,
+        wait: float = 0.0,
+    ) -> Grant | Conflict:
+        # Both scripts in one round trip (the fast path pipelines them).
+        hand_over = ("hand_over", [self._k(key, "lease")], [old_token, token, _ms(ttl), meta])
+        acquire = self._acquire_call(key, token, ttl, limit, meta, wait)
+        replies = self._call_all([hand_over, acquire])
+        return self._granted(key, limit, replies[1])
+
+    def _acquire_call(
+        self, key: str, token: str, ttl: float, limit: int, meta: str, wait: float
+    ) -> tuple[str, list[str], list[Any]]:
         retention = max(self.fence_retention_ms, _ms(ttl) * 2)
-        reply = self._call(
-            "acquire",
-            [self._k(key, "lease")],
-            [token, _ms(ttl), limit, meta, retention, _ms(wait) if wait > 0 else 0],
-        )
+        args = [token, _ms(ttl), limit, meta, retention, _ms(wait) if wait > 0 else 0]
+        return "acquire", [self._k(key, "lease")], args
+
+    @staticmethod
+    def _granted(key: str, limit: int, reply: Any) -> Grant | Conflict:
         if int(reply[0]) == 1:
             return Grant(fence=int(reply[1]), reentered=bool(int(reply[2])))
         if int(reply[0]) == -1:
@@ -221,6 +244,22 @@ class RedisBackend(Backend):
             "release", [self._k(key, "lease"), self._k(key, "signal")], [token, SIGNAL_TTL_MS]
         )
         return bool(int(reply))
+
+    def send_release(self, key: str, token: str) -> Callable[[], bool] | None:
+        if self._pool is None:
+            return None
+        call = ("release", [self._k(key, "lease"), self._k(key, "signal")], [token, SIGNAL_TTL_MS])
+        sent = self._send([call])
+        if sent is None:
+            return None
+
+        def answer() -> bool:
+            replies = sent()
+            if replies is _RETRY:
+                return self.release(key, token)
+            return bool(int(replies[0]))
+
+        return answer
 
     def renew(self, requests: Sequence[RenewRequest]) -> list[bool]:
         if not requests:
@@ -377,19 +416,26 @@ class RedisBackend(Backend):
     # -- helpers --------------------------------------------------------------------------
 
     def _call(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        if self._pool is not None:
-            sent = self._send(name, keys, args)
-            if sent is not None:
-                reply = sent()
-                if reply is not _RETRY:
-                    return reply
-        try:
-            return self._scripts[name](keys=keys, args=args)
-        except self._errors as exc:
-            raise BackendError(f"{name} on {self._description} failed: {exc}") from exc
+        return self._call_all([(name, keys, args)])[0]
 
-    def _send(self, name: str, keys: list[str], args: list[Any]) -> Callable[[], Any] | None:
-        """Send one script call on a pooled connection now; return the reply's reader.
+    def _call_all(self, calls: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
+        """Run script calls in order, in one round trip on the fast path; return the replies."""
+        if self._pool is not None:
+            sent = self._send(calls)
+            if sent is not None:
+                replies = sent()
+                if replies is not _RETRY:
+                    return replies  # type: ignore[no-any-return]
+        replies = []
+        for name, keys, args in calls:
+            try:
+                replies.append(self._scripts[name](keys=keys, args=args))
+            except self._errors as exc:
+                raise BackendError(f"{name} on {self._description} failed: {exc}") from exc
+        return replies
+
+    def _send(self, calls: Sequence[tuple[str, list[str], list[Any]]]) -> Callable[[], Any] | None:
+        """Send script calls on a kept connection now; return the reader of their replies.
 
         The fast path of every script call (a third of the client-side CPU of redis-py's
         command machinery, which a lease pays twice per run): ``EVALSHA`` written straight to
@@ -408,26 +454,34 @@ class RedisBackend(Backend):
                 conn = pool.get_connection() if self._pool_new_api else pool.get_connection("_")
             except self._errors:
                 return None
+        commands = [
+            ("EVALSHA", self._shas[name], len(keys), *keys, *args) for name, keys, args in calls
+        ]
         try:
-            conn.send_command("EVALSHA", self._shas[name], len(keys), *keys, *args)
+            conn.send_packed_command(conn.pack_commands(commands))
         except BaseException:
             self._drop(conn)
             return None
 
         def read() -> Any:
+            replies: list[Any] = []
+            error: tuple[str, BaseException] | None = None
             try:
-                reply = conn.read_response()
-            except self._no_script:
-                idle.append(conn)
-                return _RETRY
-            except self._reply_errors as exc:  # the server answered with an error
-                idle.append(conn)
-                raise BackendError(f"{name} on {self._description} failed: {exc}") from exc
+                for name, _, _ in calls:  # read every reply: the connection stays in step
+                    try:
+                        replies.append(conn.read_response())
+                    except self._reply_errors as exc:  # the server answered with an error
+                        error = error or (name, exc)
             except BaseException:
                 self._drop(conn)  # a reply half read must not reach the next user
                 return _RETRY
             idle.append(conn)
-            return reply
+            if error is None:
+                return replies
+            name, failure = error
+            if isinstance(failure, self._no_script):
+                return _RETRY  # the usual path loads the script (each call is safe to repeat)
+            raise BackendError(f"{name} on {self._description} failed: {failure}") from failure
 
         return read
 

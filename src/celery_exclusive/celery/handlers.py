@@ -85,7 +85,7 @@ def release_after_run(sender: Any = None, task_id: Any = None, task: Any = None,
     if pending is not None:
         request._exclusive_release = None
         lease, key = pending
-        task._release(lease, str(task_id), key)
+        task._release_soon(lease, str(task_id), key)
 
 
 def release_scheduled_on_revoke(**_: Any) -> None:

@@ -385,13 +385,15 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
                 self._mark_done(lease, key, task_id)
             if retrying and opts.hold == "until_done":
                 _hand_back(lease, task_id)  # kept for the retry (apply_async did it already)
-            elif self.acks_late and not request.is_eager:
+            elif request.is_eager:
+                self._release(lease, task_id, key)
+            elif self.acks_late:
                 # Released once Celery has stored the result and acked (task_postrun, see
                 # handlers.release_after_run): a redelivered copy waiting for this release
                 # then finds the done mark written above, and the result in place.
                 request._exclusive_release = (lease, key)
             else:
-                self._release(lease, task_id, key)
+                self._release_soon(lease, task_id, key)
 
     def _take_run_lease(
         self, store: Store, key: str, opts: TaskOptions, task_id: str, request: Any, abort: _Abort
@@ -421,8 +423,6 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
             on_lost=lambda _lease, reason: self._lost(task_id, key, reason, abort),
         )
         try:
-            if opts.hold == "until_done" and not _hand_over(store, lease, task_id):
-                lease.token = task_id  # a store without hand-over: one owner per task id
             waited_for_own_copy = self._acquire_for_run(lease, key, opts, task_id)
             if waited_for_own_copy or _may_have_run(request):
                 self._skip_if_done(lease, key, task_id)
@@ -448,7 +448,19 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         """
         conflict = opts.conflict
         wait = conflict == "wait" or opts.on_duplicate == "keep_last"
-        if lease.acquire(blocking=wait, timeout=opts.wait_timeout if wait else None):
+        timeout = opts.wait_timeout if wait else None
+        # until_done: the enqueue grant (owned by the task id) is moved to this delivery in
+        # the same round trip: same grant and fence, the run's metadata, renewed while it runs.
+        # (A redelivered copy finds the key held by the running copy's token and waits.)
+        take_over = task_id if opts.hold == "until_done" else None
+        try:
+            acquired = lease.acquire(blocking=wait, timeout=timeout, take_over=take_over)
+        except ConfigurationError:
+            if take_over is None:
+                raise
+            lease.token = task_id  # a store without hand-over: one owner per task id
+            acquired = lease.acquire(blocking=wait, timeout=timeout)
+        if acquired:
             return False
         holder = lease.holder or {}
         if holder.get("task_id") == task_id:
@@ -616,6 +628,19 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
         call = json.loads(taken).get("call") if taken else None
         return call if isinstance(call, dict) else None
 
+    def _release_soon(self, lease: Lease, task_id: str, key: str) -> None:
+        """The end of a worker run: send the release, and let the background thread read its
+        answer (and send ``exclusive_released``): the task does not wait a round trip for it.
+        Sent before Celery stores the result, so a caller that sees the result finds the key
+        free (see :mod:`celery_exclusive.releasing`)."""
+
+        def then(released: bool) -> None:
+            signals.exclusive_released.send(
+                sender=self, task_id=task_id, key=key, released=released, lease=lease
+            )
+
+        lease.release_soon(then)
+
     def _release(self, lease: Lease, task_id: str, key: str) -> None:
         try:
             released = lease.release()
@@ -743,22 +768,6 @@ def _skip_record(
         "holder_task_id": holder.get("task_id"),
         "holder": {k: v for k, v in holder.items() if k != "token"},
     }
-
-
-def _hand_over(store: Store, lease: Lease, task_id: str) -> bool:
-    """until_done: move the enqueue grant (owned by the task id) to the run's ``lease``.
-
-    The grant keeps its fence and takes the run's metadata (worker, state), so listings show
-    who runs it. True also when there was nothing to move (a redelivered copy finds the key
-    held by the running copy's token and waits); False only for a store that cannot hand over.
-    """
-    try:
-        store.backend.hand_over(lease.key, task_id, lease.token, lease.ttl, meta=lease.meta_json)
-    except ConfigurationError:
-        return False
-    except BackendError:
-        logger.warning("could not hand over the enqueue lease of %s", lease.key, exc_info=True)
-    return True
 
 
 def _hand_back(lease: Lease, task_id: str) -> None:
