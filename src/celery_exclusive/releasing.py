@@ -243,9 +243,7 @@ class Releaser:
         while True:
             with self._cond:
                 now = time.monotonic()
-                due = [
-                    (i, e) for i, e in self._pending.items() if e.at <= now and not e.claimed
-                ]
+                due = [(i, e) for i, e in self._pending.items() if e.at <= now and not e.claimed]
                 if not due:
                     if not self._pending:
                         self._cond.wait(60.0)
