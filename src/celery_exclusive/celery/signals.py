@@ -9,7 +9,9 @@ Every signal is sent with the task as ``sender`` and keyword arguments::
                                                         requeue: a pending copy goes back)
     exclusive_duplicate  key, existing_task_id, action  apply_async found a copy queued
     exclusive_lost       task_id, key, reason           a running task's lease was lost
-    exclusive_released   task_id, key, released, lease  a run gave its lease back
+    exclusive_released   task_id, key, released, lease  a run gave its lease back (on a
+                                                        worker: sent from the background
+                                                        thread that reads the store's answer)
     exclusive_store_error  task_id, key, error, action  the store failed as a run started
                                                         (action: retry or fail)
 
