@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from . import events, forking
 from .backends.base import Conflict, Holder, encode_meta
 from .exceptions import AlreadyHeld, BackendError, ConfigurationError, LeaseLost, Timeout
-from .releasing import get_releaser, settle
+from .releasing import release_soon, settle
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -263,18 +263,7 @@ class Lease:
             if then is not None:
                 then(released)
 
-        releaser = get_releaser()
-        try:
-            answer = self.backend.send_release(self.key, self.token)
-            if answer is not None:
-                releaser.read_later(answer, self.backend, self.key, self.token, self.ttl, done)
-                return
-            released = self.backend.release(self.key, self.token)
-        except BackendError:
-            logger.warning("releasing %r failed: trying again in the background", self.key)
-            releaser.release_later(self.backend, self.key, self.token, self.ttl, done)
-            return
-        done(released)
+        release_soon(self.backend, self.key, self.token, self.ttl, done)
 
     def _end_grant(self) -> bool:
         """Forget the grant locally and stop renewing it; return whether there was one."""

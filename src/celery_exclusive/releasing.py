@@ -56,7 +56,7 @@ from .exceptions import BackendError
 if TYPE_CHECKING:
     from .backends.base import Backend
 
-__all__ = ["Releaser", "get_releaser", "release_later", "settle"]
+__all__ = ["Releaser", "get_releaser", "release_later", "release_soon", "settle"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class Releaser:
         key: str,
         token: str,
         expires_in: float,
-        then: Callable[[bool], object],
+        then: Callable[[bool], object] | None = None,
     ) -> None:
         """Read the answer of a release already sent (``answer()``) from the background
         thread, and call ``then(released)``; if reading fails, send the release again as
@@ -136,7 +136,8 @@ class Releaser:
         def complete() -> None:
             read = state.pop("answer", None)
             released = read() if read is not None else backend.release(key, token)
-            then(released)
+            if then is not None:
+                then(released)
 
         self.send_later(
             complete,
@@ -311,6 +312,32 @@ def release_later(
 ) -> None:
     """Queue ``release(key, token)`` on this process's :class:`Releaser`."""
     get_releaser().release_later(backend, key, token, expires_in, then)
+
+
+def release_soon(
+    backend: Backend,
+    key: str,
+    token: str,
+    expires_in: float,
+    then: Callable[[bool], object] | None = None,
+) -> None:
+    """Send ``release(key, token)`` now and read its answer in the background (then call
+    ``then(released)`` from there); on a store that cannot, release here. A release that
+    fails is sent again until it succeeds or ``expires_in`` s passed. Never raises for a
+    store error."""
+    releaser = get_releaser()
+    try:
+        answer = backend.send_release(key, token)
+        if answer is not None:
+            releaser.read_later(answer, backend, key, token, expires_in, then)
+            return
+        released = backend.release(key, token)
+    except BackendError:
+        logger.warning("releasing %r failed: trying again in the background", key)
+        releaser.release_later(backend, key, token, expires_in, then)
+        return
+    if then is not None:
+        then(released)
 
 
 def settle(backend: Backend, key: str) -> None:

@@ -54,7 +54,7 @@ from ..exceptions import (
 from ..keys import KeyBuilder
 from ..lease import Lease
 from ..options import TaskOptions
-from ..releasing import get_releaser, release_later
+from ..releasing import get_releaser, release_later, release_soon
 from ..store import Store
 from . import signals
 from .config import settings_for, store_for
@@ -606,11 +606,16 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
     ) -> dict[str, Any] | None:
         """Give back the enqueue lease at the start of a run; return keep_last's newest call.
 
-        A release that fails is tried again in the background (see ``releasing``).
+        The run does not wait for the answer (keep_last does: it needs the newest arguments),
+        and a release that fails is tried again in the background (see ``releasing``).
         """
         if opts.hold not in ("queued", "queued_and_running"):
             return None
         enqueue_key = _enqueue_key(key, opts)
+        queue_ttl = opts.queue_ttl or settings_for(self.app).queue_ttl
+        if opts.on_duplicate != "keep_last" and not self.request.is_eager:
+            release_soon(store.backend, enqueue_key, task_id, queue_ttl)
+            return None
         try:
             if opts.on_duplicate != "keep_last":
                 store.backend.release(enqueue_key, task_id)
@@ -622,7 +627,6 @@ class ExclusiveTask(Task):  # type: ignore[misc]  # Celery's Task is untyped
                 key,
                 exc_info=True,
             )
-            queue_ttl = opts.queue_ttl or settings_for(self.app).queue_ttl
             release_later(store.backend, enqueue_key, task_id, queue_ttl)
             return None
         call = json.loads(taken).get("call") if taken else None
