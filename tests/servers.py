@@ -250,3 +250,14 @@ def running(server: RedisServer) -> Iterator[RedisServer]:
         yield server
     finally:
         server.cleanup()
+
+
+@contextlib.contextmanager
+def frozen(server: RedisServer) -> Iterator[None]:
+    """Freeze ``server`` (SIGSTOP) for the block: connections open, nothing answered."""
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        server.proc.send_signal(signal.SIGCONT)

@@ -28,7 +28,7 @@ from celery_exclusive import Lease, LeaseLost, Store, connect, events
 from celery_exclusive.renewal import Renewer
 
 from ..forks import reap, run_forked
-from ..servers import RedisServer, running, wait_until
+from ..servers import RedisServer, frozen, running, wait_until
 from .test_server_restart import LostLog
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,17 +44,6 @@ FORKS = 60
 
 
 # -- fixtures and helpers ---------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def hung(server: RedisServer) -> Iterator[None]:
-    """Freeze ``server`` (SIGSTOP) for the block: connections open, nothing answered."""
-    assert server.proc is not None
-    server.proc.send_signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        server.proc.send_signal(signal.SIGCONT)
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -129,16 +118,16 @@ def test_a_hung_store_does_not_stop_renewals_on_a_healthy_one(
     # Given one renewal thread renewing a lease on a store that will hang and one on a
     # store that keeps answering (the hung one's client waits up to 10 s for a reply)
     renewer = Renewer()
-    frozen = Store(connect(private_redis.url, prefix=prefix).backend, renewer=renewer)
+    hung_store = Store(connect(private_redis.url, prefix=prefix).backend, renewer=renewer)
     healthy = Store(connect(healthy_url, prefix=prefix).backend, renewer=renewer)
-    stuck = frozen.lease("K", ttl=TTL)
+    stuck = hung_store.lease("K", ttl=TTL)
     kept = healthy.lease("K", ttl=TTL)
     try:
         assert stuck.acquire()
         assert kept.acquire()
         rival = healthy.lease("K", ttl=TTL)
         # When the first store hangs, for twice the ttl
-        with hung(private_redis):
+        with frozen(private_redis):
             hung_at = time.monotonic()
             until = hung_at + 2 * TTL
             while time.monotonic() < until:
@@ -158,7 +147,7 @@ def test_a_hung_store_does_not_stop_renewals_on_a_healthy_one(
     finally:
         stuck.detach()
         kept.detach()
-        frozen.close()
+        hung_store.close()
         healthy.close()
 
 
@@ -183,7 +172,7 @@ def test_a_lease_on_a_hung_store_is_reported_lost_before_the_store_could_free_it
         # ttl after the store handled it, which was before this instant
         confirmed_at = time.monotonic()
         # When the store hangs before any renewal went out
-        with hung(private_redis):
+        with frozen(private_redis):
             assert renewer.round_trips == 0, "a renewal went out before the store hung"
             wait_until(lost.event.is_set, TTL + 10 + MARGIN, "the lease to be reported lost")
             reported_after = lost.at[0] - confirmed_at

