@@ -56,8 +56,9 @@ class Run:
     tasks: int
 
 
-def drain(app: Any, task: Any, n: int, profile: bool) -> Run:
-    """Publish ``n`` calls of ``task``, drain them on a solo worker in this process."""
+def drain(app: Any, task: Any, n: int, profile: bool, pool: str = "solo") -> Run:
+    """Publish ``n`` calls of ``task``, drain them on a worker in this process (``solo``, or
+    ``threads`` with 4 threads: then the profile covers the consumer thread only)."""
     from celery import signals
     from celery._state import _set_task_join_will_block
 
@@ -87,8 +88,8 @@ def drain(app: Any, task: Any, n: int, profile: bool) -> Run:
     signals.task_prerun.connect(pre, weak=False)
     signals.task_postrun.connect(post, weak=False)
     worker = app.Worker(
-        pool="solo",
-        concurrency=1,
+        pool=pool,
+        concurrency=1 if pool == "solo" else 4,
         queues=[queue],
         hostname=f"prof{secrets.token_hex(3)}@localhost",
         without_mingle=True,
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         help="no profiler: drain each contender ROUNDS times, interleaved, and print the "
         "median wall and CPU time per task (this process: consumer, task and library)",
     )
+    parser.add_argument("--pool", choices=["solo", "threads"], default="solo")
     parser.add_argument("--dump", metavar="DIR", help="also write each profile to DIR/NAME.prof")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one drain, in a child
     args = parser.parse_args(argv)
@@ -151,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         import celery_bench_app
 
         run = drain(
-            celery_bench_app.app, getattr(celery_bench_app, args.one), args.n, not args.timing
+            celery_bench_app.app,
+            getattr(celery_bench_app, args.one),
+            args.n,
+            not args.timing,
+            args.pool,
         )
         if args.timing:
             print(
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--timing", "1"]
             if args.dump:
                 cmd += ["--dump", args.dump]
+            cmd += ["--pool", args.pool]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
             if done.returncode:
                 raise RuntimeError(f"{name}: {done.stderr[-3000:]}")

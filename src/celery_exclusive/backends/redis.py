@@ -270,26 +270,26 @@ class RedisBackend(Backend):
             return []
         ttl_ms = {ttl: _ms(ttl) for ttl in {r.ttl for r in requests}}  # usually one ttl
         retention = max(self.fence_retention_ms, *(ms * 2 for ms in ttl_ms.values()))
-        # One script per slot (Cluster: a script may only touch one slot) and per chunk of
-        # RENEW_CHUNK leases (a script blocks Redis while it runs), all in one pipeline: one
-        # round trip (on Cluster, one per node).
-        groups: dict[Any, list[int]] = {}
+        # One script per slot (Cluster: a script may only touch one slot), per ttl (usually
+        # one) and per chunk of RENEW_CHUNK leases (a script blocks Redis while it runs), all
+        # in one pipeline: one round trip (on Cluster, one per node).
+        groups: dict[tuple[Any, float], list[int]] = {}
         for i, r in enumerate(requests):
             slot = self.client.keyslot(self._k(r.key, "lease")) if self._cluster else 0
-            groups.setdefault(slot, []).append(i)
+            groups.setdefault((slot, r.ttl), []).append(i)
         batches = [
-            indexes[n : n + RENEW_CHUNK]
-            for indexes in groups.values()
+            (ttl_ms[ttl], indexes[n : n + RENEW_CHUNK])
+            for (_, ttl), indexes in groups.items()
             for n in range(0, len(indexes), RENEW_CHUNK)
         ]
         results = [False] * len(requests)
         calls: list[tuple[list[str], list[Any]]] = []
-        for batch in batches:
+        for ms, batch in batches:
             args: list[Any] = [requests[i].token for i in batch]
-            args += [ttl_ms[requests[i].ttl] for i in batch] + [retention]
+            args += [ms, retention]
             calls.append(([self._k(requests[i].key, "lease") for i in batch], args))
         try:
-            for batch, reply in zip(batches, self._pipelined("renew", calls), strict=True):
+            for (_, batch), reply in zip(batches, self._pipelined("renew", calls), strict=True):
                 for i, ok in zip(batch, reply, strict=True):
                     results[i] = bool(int(ok))
         except self._errors as exc:
@@ -349,6 +349,8 @@ class RedisBackend(Backend):
         (transaction=False): one round trip, one per node on Cluster. Returns the replies in
         order; raises what redis-py raises (the first error reply).
         """
+        if self._pool is not None:  # the fast path pipelines them on a kept connection
+            return self._call_all([(name, keys, args) for keys, args in calls])
 
         def send(calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
