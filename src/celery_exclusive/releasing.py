@@ -60,6 +60,11 @@ __all__ = ["Releaser", "get_releaser", "release_later", "release_soon", "settle"
 
 logger = logging.getLogger(__name__)
 
+#: How long a release's answer may stay unread (when nothing else of this process uses its
+#: connection) before the background thread reads it.
+READ_AFTER = 0.05
+#: The thread does what falls due this soon in the same wake-up.
+GRACE = READ_AFTER / 2
 #: First and longest pause between two tries of one release.
 FIRST_RETRY = 0.2
 MAX_RETRY = 5.0
@@ -67,18 +72,17 @@ MAX_RETRY = 5.0
 
 @dataclass
 class _Pending:
-    send: Callable[[], object]  # the write (or the read of its answer); done unless it raises
+    send: Callable[[], object]  # the write; done unless it raises
     what: str  # for the log
     until: float  # monotonic: given up by then (a lease has expired: nothing left to release)
     at: float  # monotonic: next try
     pause: float = FIRST_RETRY
-    key: tuple[int, str] | None = None  # (backend, key) of a release whose answer is unread
     claimed: bool = False  # being tried now (by the thread, or by flush)
 
 
 class Releaser:
-    """Reads release answers and tries queued writes again from one daemon thread (started on
-    first use)."""
+    """Tries queued writes again, and reads release answers nobody read, from one daemon
+    thread (started on first use)."""
 
     def __init__(self) -> None:
         self._reset_after_fork()
@@ -87,8 +91,10 @@ class Releaser:
     def _reset_after_fork(self) -> None:
         self._cond = threading.Condition()
         self._pending: dict[object, _Pending] = {}
-        self._unanswered: dict[tuple[int, str], int] = {}  # (backend, key) -> answers unread
+        # (backend, key) -> collect() of this process's last release of it still unread
+        self._collects: dict[tuple[int, str], Callable[[], None]] = {}
         self._thread: threading.Thread | None = None
+        self._wake_at = 0.0  # when the thread next looks at the queue by itself (monotonic)
 
     def release_later(
         self,
@@ -119,32 +125,24 @@ class Releaser:
             ident=(id(backend), key, token),
         )
 
-    def read_later(
-        self,
-        answer: Callable[[], bool],
-        backend: Backend,
-        key: str,
-        token: str,
-        expires_in: float,
-        then: Callable[[bool], object] | None = None,
-    ) -> None:
-        """Read the answer of a release already sent (``answer()``) from the background
-        thread, and call ``then(released)``; if reading fails, send the release again as
-        :meth:`release_later` does."""
-        state = {"answer": answer}
+    def collect_later(self, backend: Backend, key: str, collect: Callable[[], None]) -> None:
+        """Call ``collect()`` (read a release's answer, if nobody has) in ``READ_AFTER`` s
+        from the background thread, or earlier from :meth:`settle`."""
+        name = (id(backend), key)
 
-        def complete() -> None:
-            read = state.pop("answer", None)
-            released = read() if read is not None else backend.release(key, token)
-            if then is not None:
-                then(released)
+        def run() -> None:
+            collect()
+            with self._cond:
+                if self._collects.get(name) is collect:
+                    del self._collects[name]
 
+        with self._cond:
+            self._collects[name] = collect
         self.send_later(
-            complete,
-            f"releasing {key!r}",
-            expires_in=expires_in,
-            ident=(id(backend), key, token),
-            unanswered=(id(backend), key),
+            run,
+            f"reading the answer of the release of {key!r}",
+            expires_in=60.0,
+            first_try=READ_AFTER,
         )
 
     def send_later(
@@ -155,54 +153,43 @@ class Releaser:
         expires_in: float,
         first_try: float = 0.0,
         ident: object = None,
-        unanswered: tuple[int, str] | None = None,
     ) -> None:
         """Call ``send()`` from the background thread in ``first_try`` s, and again with
         backoff while it raises, for at most ``expires_in`` s. A later call with the same
-        ``ident`` replaces it (a release is named by its lease, which :meth:`cancel` uses).
-        ``unanswered``: the (backend, key) whose release answer ``send`` reads (see settle)."""
+        ``ident`` replaces it (a release is named by its lease, which :meth:`cancel` uses)."""
         now = time.monotonic()
-        entry = _Pending(send, what, until=now + expires_in, at=now + first_try, key=unanswered)
+        entry = _Pending(send, what, until=now + expires_in, at=now + first_try)
         with self._cond:
             ident = object() if ident is None else ident
             replaced = self._pending.get(ident)
             if replaced is not None and replaced.claimed:
                 ident = object()  # being tried now: both run (a release is safe to repeat)
-            elif replaced is not None:
-                self._answered(replaced)
             self._pending[ident] = entry
-            if unanswered is not None:
-                self._unanswered[unanswered] = self._unanswered.get(unanswered, 0) + 1
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="celery-exclusive-releaser", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify_all()
+            elif entry.at < self._wake_at:  # else it looks in time anyway: no wake-up
+                self._cond.notify_all()
 
     def cancel(self, backend: Backend, key: str, token: str) -> None:
         """Forget a queued retry of the release of ``key`` by ``token`` (its owner holds the
-        key again). A release whose answer is still unread is read all the same."""
+        key again)."""
         if self._pending:  # the common case costs one attribute read
             with self._cond:
                 ident = (id(backend), key, token)
                 entry = self._pending.get(ident)
-                if entry is not None and entry.key is None and not entry.claimed:
+                if entry is not None and not entry.claimed:
                     del self._pending[ident]
 
-    def settle(self, backend: Backend, key: str, timeout: float = 5.0) -> None:
-        """Wait (at most ``timeout`` s) for the answers of this process's releases of ``key``
-        that are still unread: the store has them, but maybe not yet run them."""
-        if threading.current_thread() is self._thread:
-            return  # a receiver called from this thread must not wait for itself
-        deadline = time.monotonic() + timeout
-        name = (id(backend), key)
+    def settle(self, backend: Backend, key: str) -> None:
+        """Read the answer of this process's last release of ``key`` if nobody has yet: the
+        store has the release, but maybe not yet run it."""
         with self._cond:
-            while self._unanswered.get(name):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                self._cond.wait(remaining)
+            collect = self._collects.pop((id(backend), key), None)
+        if collect is not None:
+            collect()
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -220,40 +207,33 @@ class Releaser:
         for entry in mine:
             self._try(entry)
         with self._cond:
-            for entry in mine:
-                self._answered(entry)
             while any(e.claimed for e in self._pending.values()):
                 if time.monotonic() >= deadline:
                     break
                 self._cond.wait(deadline - time.monotonic())
             self._pending = {}
 
-    def _answered(self, entry: _Pending) -> None:
-        """``entry``'s answer was read (or never will be): settle() need not wait for it.
-        Call with the condition held."""
-        if entry.key is not None:
-            left = self._unanswered.get(entry.key, 0) - 1
-            if left > 0:
-                self._unanswered[entry.key] = left
-            else:
-                self._unanswered.pop(entry.key, None)
-            entry.key = None
-            self._cond.notify_all()
-
     def _run(self) -> None:
         while True:
             with self._cond:
                 now = time.monotonic()
-                due = [(i, e) for i, e in self._pending.items() if e.at <= now and not e.claimed]
+                # Whatever falls due within GRACE is done in this wake-up too: one wake-up
+                # reads the answers of many releases, not one each.
+                soon = now + GRACE
+                due = [(i, e) for i, e in self._pending.items() if e.at <= soon and not e.claimed]
                 if not due:
                     if not self._pending:
+                        self._wake_at = now + 60.0
                         self._cond.wait(60.0)
+                        self._wake_at = 0.0
                         if not self._pending:
                             self._thread = None
                             return
                         continue
                     waits = [e.at for e in self._pending.values() if not e.claimed]
-                    self._cond.wait(min(waits) - now if waits else 1.0)
+                    self._wake_at = min(waits) if waits else now + 1.0
+                    self._cond.wait(self._wake_at - now)
+                    self._wake_at = 0.0
                     continue
                 for _, entry in due:
                     entry.claimed = True
@@ -261,7 +241,6 @@ class Releaser:
                 done = self._try(entry)
                 with self._cond:
                     entry.claimed = False
-                    self._answered(entry)
                     if self._pending.get(ident) is not entry:
                         continue  # flushed or replaced meanwhile
                     now = time.monotonic()
@@ -321,32 +300,35 @@ def release_soon(
     expires_in: float,
     then: Callable[[bool], object] | None = None,
 ) -> None:
-    """Send ``release(key, token)`` now and read its answer in the background (then call
-    ``then(released)`` from there); on a store that cannot, release here. A release that
-    fails is sent again until it succeeds or ``expires_in`` s passed. Never raises for a
-    store error."""
+    """Send ``release(key, token)`` now without waiting for its answer, and call
+    ``then(released)`` once it is read (see the module docs); on a store that cannot, release
+    here. A release that fails is sent again until it succeeds or ``expires_in`` s passed.
+    Never raises for a store error."""
     releaser = get_releaser()
+
+    def done(result: bool | BackendError) -> None:
+        if isinstance(result, BackendError):
+            logger.warning("releasing %r failed (%s): trying again in the background", key, result)
+            releaser.release_later(backend, key, token, expires_in, then)
+        elif then is not None:
+            then(result)
+
     try:
-        answer = backend.send_release(key, token)
-        if answer is not None:
-            releaser.read_later(answer, backend, key, token, expires_in, then)
+        collect = backend.send_release(key, token, done)
+        if collect is None:
+            done(backend.release(key, token))
             return
-        released = backend.release(key, token)
-    except BackendError:
-        logger.warning("releasing %r failed: trying again in the background", key)
-        releaser.release_later(backend, key, token, expires_in, then)
+    except BackendError as exc:
+        done(exc)
         return
-    if then is not None:
-        then(released)
+    releaser.collect_later(backend, key, collect)
 
 
 def settle(backend: Backend, key: str) -> None:
-    """Wait for the unread answers of this process's releases of ``key`` (see Releaser.settle).
-
-    Costs one attribute read when there are none.
-    """
+    """Read the answer of this process's last release of ``key`` if nobody has yet (see
+    Releaser.settle); costs one attribute read when there is none."""
     releaser = _releaser
-    if releaser is not None and releaser._unanswered:
+    if releaser is not None and releaser._collects:
         releaser.settle(backend, key)
 
 

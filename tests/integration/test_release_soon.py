@@ -16,6 +16,7 @@ import pytest
 
 from celery_exclusive import connect, events
 from celery_exclusive.backends.redis import RedisBackend
+from celery_exclusive.exceptions import BackendError
 from celery_exclusive.releasing import Releaser, get_releaser
 from celery_exclusive.store import Store
 
@@ -101,17 +102,26 @@ def _someone_waits(store: Store, key: str) -> bool:
 
 
 class SlowAnswers(RedisBackend):
-    """A Redis backend whose release leaves only when its answer is read, after ``delay`` s:
-    the widest gap there can be between release_soon() and the store running the release."""
+    """A Redis backend whose release leaves only when its answer is collected, after ``delay``
+    s: the widest gap there can be between release_soon() and the store running the release."""
 
     delay = 0.3
 
-    def send_release(self, key: str, token: str) -> Callable[[], bool] | None:
-        def answer() -> bool:
-            time.sleep(self.delay)
-            return self.release(key, token)
+    def send_release(
+        self, key: str, token: str, done: Callable[[bool | BackendError], object]
+    ) -> Callable[[], None] | None:
+        lock = threading.Lock()
+        sent: list[bool] = []
 
-        return answer
+        def collect() -> None:
+            with lock:
+                if sent:
+                    return
+                time.sleep(self.delay)
+                sent.append(True)
+            done(self.release(key, token))
+
+        return collect
 
 
 @pytest.fixture
@@ -168,8 +178,9 @@ def test_a_release_whose_answer_timed_out_is_sent_again(store: Store, server: Re
 
 
 def _waiting_to_retry(releaser: Releaser) -> bool:
+    """A release that failed is queued to be sent again (see releasing.release_later)."""
     with releaser._cond:
-        return any(not e.claimed and e.key is None for e in releaser._pending.values())
+        return any(e.what == "releasing 'job'" for e in releaser._pending.values())
 
 
 def test_a_release_queued_behind_another_on_the_same_key_is_kept(store: Store) -> None:
@@ -187,3 +198,15 @@ def test_a_release_queued_behind_another_on_the_same_key_is_kept(store: Store) -
     gate.set()
     wait_until(lambda: len(ran) == 2, 5, "both to run")
     assert sorted(ran) == ["first", "second"]
+
+
+def test_the_next_command_on_the_connection_reads_the_answer_first(store: Store) -> None:
+    # The answer stays on the connection, which goes back to the kept ones at once: this
+    # thread's next command takes it, reads the answer, then sends its own (run after the
+    # release by Redis, which runs one connection's commands in order).
+    outcomes = Outcomes()
+    lease = store.lease("job", ttl=30)
+    assert lease.acquire()
+    lease.release_soon(outcomes)
+    assert store.holders("job") == []
+    assert outcomes.calls == [(True, threading.current_thread().name)]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..exceptions import ConfigurationError
+from ..exceptions import BackendError, ConfigurationError
 
 __all__ = [
     "Backend",
@@ -192,10 +192,13 @@ class Backend(abc.ABC):
         Return True only if ``token`` held a live lease; never touch another token's lease.
         """
 
-    def send_release(self, key: str, token: str) -> Callable[[], bool] | None:
-        """Send :meth:`release` without waiting for its answer; return the function that
-        reads the answer (it may raise BackendError), or None when this store cannot (then
-        nothing was sent)."""
+    def send_release(
+        self, key: str, token: str, done: Callable[[bool | BackendError], object]
+    ) -> Callable[[], None] | None:
+        """Send :meth:`release` without waiting for its answer, which ``done`` gets later
+        (True or False as from release(), or the BackendError if it could not be read), from
+        whichever thread reads it. Return ``collect``: read the answer now if nobody has yet
+        (call it within a few seconds). None when this store cannot: nothing was sent."""
         return None
 
     @abc.abstractmethod

@@ -20,6 +20,7 @@ import inspect
 import itertools
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -129,6 +130,9 @@ class RedisBackend(Backend):
         # was read in full, so none needs the pool's check for unread data (a non-blocking
         # read and two timeout changes: three system calls per command).
         self._idle: list[Any] = []
+        # Answers of releases sent without waiting, by connection, read by its next user.
+        self._owed: dict[int, tuple[Any, list[_Owed]]] = {}
+        self._owed_lock = threading.Lock()
         forking.call_after_fork(self, RedisBackend._forget_connections)
         self._no_script = redis.exceptions.NoScriptError
         self._reply_errors = (redis.exceptions.ResponseError,)
@@ -249,21 +253,41 @@ class RedisBackend(Backend):
         )
         return bool(int(reply))
 
-    def send_release(self, key: str, token: str) -> Callable[[], bool] | None:
+    def send_release(
+        self, key: str, token: str, done: Callable[[bool | BackendError], object]
+    ) -> Callable[[], None] | None:
+        # The answer is left on the connection, which goes back to the kept ones at once: its
+        # next user (usually this process's next command) reads it first, so the release is
+        # run by Redis before anything sent after it on that connection. The returned collect()
+        # reads it now if nobody has (a fallback timer, settle()).
         if self._pool is None:
             return None
-        call = ("release", [self._k(key, "lease"), self._k(key, "signal")], [token, SIGNAL_TTL_MS])
-        sent = self._send([call])
-        if sent is None:
+        conn = self._take()
+        if conn is None:
             return None
+        call = ("release", [self._k(key, "lease"), self._k(key, "signal")], [token, SIGNAL_TTL_MS])
+        try:
+            conn.send_packed_command(conn.pack_commands([self._evalsha(call)]))
+        except BaseException:
+            self._drop(conn)
+            return None
+        owed = _Owed(done)
+        with self._owed_lock:
+            self._owed.setdefault(id(conn), (conn, []))[1].append(owed)
+        self._idle.append(conn)
 
-        def answer() -> bool:
-            replies = sent()
-            if replies is _RETRY:
-                return self.release(key, token)
-            return bool(int(replies[0]))
+        def collect() -> None:
+            if owed.read.is_set():
+                return
+            try:
+                self._idle.remove(conn)  # ours now: nobody else reads it meanwhile
+            except ValueError:  # in use: its user reads the answer before anything else
+                owed.read.wait(self._socket_timeout or DEFAULT_SOCKET_TIMEOUT)
+                return
+            self._collect(conn)
+            self._idle.append(conn)
 
-        return answer
+        return collect
 
     def renew(self, requests: Sequence[RenewRequest]) -> list[bool]:
         if not requests:
@@ -484,19 +508,11 @@ class RedisBackend(Backend):
         as the client is configured to; it raises BackendError for any other error.
         """
         idle = self._idle
+        conn = self._take()
+        if conn is None:
+            return None
         try:
-            conn = idle.pop()  # atomic: no two threads get one connection
-        except IndexError:
-            try:
-                pool = self._pool
-                conn = pool.get_connection() if self._pool_new_api else pool.get_connection("_")
-            except self._errors:
-                return None
-        commands = [
-            ("EVALSHA", self._shas[name], len(keys), *keys, *args) for name, keys, args in calls
-        ]
-        try:
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command(conn.pack_commands([self._evalsha(c) for c in calls]))
         except BaseException:
             self._drop(conn)
             return None
@@ -523,17 +539,75 @@ class RedisBackend(Backend):
 
         return read
 
+    def _evalsha(self, call: tuple[str, list[str], list[Any]]) -> tuple[Any, ...]:
+        name, keys, args = call
+        return ("EVALSHA", self._shas[name], len(keys), *keys, *args)
+
+    def _take(self) -> Any:
+        """A kept connection (or a new one from the pool), its owed answers read; None when
+        the pool cannot give one."""
+        try:
+            conn = self._idle.pop()  # atomic: no two threads get one connection
+        except IndexError:
+            try:
+                pool = self._pool
+                conn = pool.get_connection() if self._pool_new_api else pool.get_connection("_")
+            except self._errors:
+                return None
+        if self._owed:
+            self._collect(conn)
+        return conn
+
+    def _collect(self, conn: Any) -> None:
+        """Read the answers owed on ``conn`` (releases sent without waiting), in order."""
+        with self._owed_lock:
+            owed = self._owed.pop(id(conn), (None, []))[1]
+        for n, item in enumerate(owed):
+            try:
+                reply = conn.read_response()
+            except self._reply_errors as exc:  # answered with an error: still in step
+                item.answer(BackendError(f"release on {self._description} failed: {exc}"))
+            except BaseException as exc:
+                conn.disconnect()  # every later answer on it is lost too; it reconnects
+                error = BackendError(f"release on {self._description} failed: {exc}")
+                for rest in owed[n:]:
+                    rest.answer(error)
+                return
+            else:
+                item.answer(bool(int(reply)))
+
     def _drop(self, conn: Any) -> None:
+        if self._owed:
+            self._collect(conn)  # sends nothing: the owed answers get their errors
         conn.disconnect()
         self._pool.release(conn)
 
     def _forget_connections(self) -> None:
         """In a forked child: the parent's connections are the parent's (never closed here)."""
         self._idle = []
+        self._owed = {}
+        self._owed_lock = threading.Lock()
 
 
 #: A fast-path reply that asks for the call to be made again the usual way (see _send).
 _RETRY = object()
+
+
+class _Owed:
+    """A release sent whose answer is still to be read: ``done`` gets it (or the error)."""
+
+    __slots__ = ("done", "read")
+
+    def __init__(self, done: Callable[[bool | BackendError], object]) -> None:
+        self.done = done
+        self.read = threading.Event()
+
+    def answer(self, result: bool | BackendError) -> None:
+        self.read.set()
+        try:
+            self.done(result)
+        except Exception:  # a receiver's error must not break the command that read it
+            logger.exception("handling the answer of a release failed")
 
 
 def _get_connection_takes_no_name(pool: Any) -> bool:
