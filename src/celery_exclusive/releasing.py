@@ -1,23 +1,25 @@
-"""Releases that nobody waits for: read, or sent again, from one background thread.
+"""Releases that nobody waits for, and releases sent again, with one background thread.
 
-Two kinds of release go through the process's :class:`Releaser`:
+Two kinds of release go through here:
 
-* **A release sent, its answer not yet read** (:meth:`Lease.release_soon`, used at the end of
-  every worker run). The request is written to the store by the task's own thread, before
-  Celery stores the task's result; this thread reads the answer. So the task does not wait a
-  round trip for it, and nothing changes for anyone else::
+* **A release sent, its answer not yet read** (:func:`release_soon`, used at the end of every
+  worker run). The request is written to the store by the task's own thread, before Celery
+  stores the task's result, and the connection goes back to the store's kept ones at once. Its
+  next user (mostly this process's next command) reads the answer before it sends its own;
+  the background thread reads those left unread after ``READ_AFTER``. So the task does not
+  wait a round trip for it, and nothing changes for anyone else::
 
       t=0      the body ends; release written to the store    (the key is freed by the
                store as it runs the script, as before: never before the body ended)
-      t=0+     Celery stores the result                       (after the release, on the
-                                                               same connection order: a
+      t=0+     Celery stores the result                       (sent after the release: a
                                                                caller that sees the result and
                                                                calls again finds the key free)
-      t=0+rtt  this thread reads "released" (or retries)      -> signals, metrics
+      t=0+rtt  the answer is read ("released"), by the next   -> signals, metrics; a failure
+               command on that connection or by the thread       is sent again (below)
 
   A waiter is woken by the release script itself, whoever reads its answer. An acquire in this
-  process of a key whose release is still unanswered first waits for that answer
-  (:func:`settle`), so a process never finds itself in its own way.
+  process of a key whose release answer is still unread reads it first (:func:`settle`), so a
+  process never finds itself in its own way.
 
 * **A release that failed** (the store did not answer; :func:`release_later`). A lease whose
   release failed in a store blip stays held until its ttl runs out, and for an enqueue lease
