@@ -103,7 +103,17 @@ def test_counts_equal_what_the_tasks_did(
         assert store.force_release(key) == 1
         assert "no longer had it" in wait_for([lost])[0]
 
-        # When the worker's endpoint is scraped
+        # When the worker's endpoint is scraped, once every run's release was answered (a
+        # worker reads a release's answer after the run: see releasing)
+        def answered() -> bool:
+            now = scrape(port)
+            total = value(
+                now, "celery_exclusive_releases_total", task=ma.holder.name, released="false"
+            )
+            done = value(now, "celery_exclusive_releases_total", task=ma.work.name, released="true")
+            return total == 1 and done == N_RUNS
+
+        wait_until(answered, 10, "every release to be answered")
         samples = scrape(port)
 
         # Then every count is what the tasks did

@@ -33,6 +33,9 @@ def server(own_redis: RedisServer) -> RedisServer:
 @pytest.fixture
 def store(server: RedisServer, prefix: str) -> Iterator[Store]:
     s = connect(server.url + "?socket_timeout=1", prefix=prefix)
+    warm = s.lease("warm-up", ttl=30)
+    warm.acquire()
+    warm.release()  # a store's first release waits: it loads the script (see below)
     try:
         yield s
     finally:
@@ -210,3 +213,34 @@ def test_the_next_command_on_the_connection_reads_the_answer_first(store: Store)
     lease.release_soon(outcomes)
     assert store.holders("job") == []
     assert outcomes.calls == [(True, threading.current_thread().name)]
+
+
+def test_a_release_the_server_lost_the_script_for_is_made_when_its_answer_is_read(
+    store: Store, server: RedisServer
+) -> None:
+    # A store's first release waits for its answer (it loads the script); after that, a
+    # server that lost its scripts (restarted, SCRIPT FLUSH) answers NOSCRIPT: the release is
+    # then made the usual way by whoever reads that answer.
+    outcomes = Outcomes()
+    lease = store.lease("job", ttl=30)
+    assert lease.acquire()
+    server.client().script_flush()
+    lease.release_soon(outcomes)
+    wait_until(lambda: outcomes.calls, 10, "the answer")
+    assert [released for released, _ in outcomes.calls] == [True]
+    assert store.holders("job") == []
+
+
+def test_the_first_release_of_a_store_waits_for_its_answer(
+    server: RedisServer, prefix: str
+) -> None:
+    fresh = connect(server.url, prefix=prefix)
+    try:
+        server.client().script_flush()
+        outcomes = Outcomes()
+        lease = fresh.lease("job", ttl=30)
+        assert lease.acquire()
+        lease.release_soon(outcomes)
+        assert outcomes.calls == [(True, threading.current_thread().name)]
+    finally:
+        fresh.close()

@@ -133,6 +133,7 @@ class RedisBackend(Backend):
         # Answers of releases sent without waiting, by connection, read by its next user.
         self._owed: dict[int, tuple[Any, list[_Owed]]] = {}
         self._owed_lock = threading.Lock()
+        self._release_loaded = False
         forking.call_after_fork(self, RedisBackend._forget_connections)
         self._no_script = redis.exceptions.NoScriptError
         self._reply_errors = (redis.exceptions.ResponseError,)
@@ -251,6 +252,7 @@ class RedisBackend(Backend):
         reply = self._call(
             "release", [self._k(key, "lease"), self._k(key, "signal")], [token, SIGNAL_TTL_MS]
         )
+        self._release_loaded = True  # the script is on the server now: see send_release
         return bool(int(reply))
 
     def send_release(
@@ -260,8 +262,8 @@ class RedisBackend(Backend):
         # next user (usually this process's next command) reads it first, so the release is
         # run by Redis before anything sent after it on that connection. The returned collect()
         # reads it now if nobody has (a fallback timer, settle()).
-        if self._pool is None:
-            return None
+        if self._pool is None or not self._release_loaded:
+            return None  # the first release of a process waits: it loads the script
         conn = self._take()
         if conn is None:
             return None
@@ -271,7 +273,7 @@ class RedisBackend(Backend):
         except BaseException:
             self._drop(conn)
             return None
-        owed = _Owed(done)
+        owed = _Owed(done, lambda: self.release(key, token))
         with self._owed_lock:
             self._owed.setdefault(id(conn), (conn, []))[1].append(owed)
         self._idle.append(conn)
@@ -565,6 +567,8 @@ class RedisBackend(Backend):
         for n, item in enumerate(owed):
             try:
                 reply = conn.read_response()
+            except self._no_script:  # the server lost its scripts: load, release now
+                item.answer(_try_release(item))
             except self._reply_errors as exc:  # answered with an error: still in step
                 item.answer(BackendError(f"release on {self._description} failed: {exc}"))
             except BaseException as exc:
@@ -589,17 +593,28 @@ class RedisBackend(Backend):
         self._owed_lock = threading.Lock()
 
 
+def _try_release(item: _Owed) -> bool | BackendError:
+    try:
+        return item.again()
+    except BackendError as exc:
+        return exc
+
+
 #: A fast-path reply that asks for the call to be made again the usual way (see _send).
 _RETRY = object()
 
 
 class _Owed:
-    """A release sent whose answer is still to be read: ``done`` gets it (or the error)."""
+    """A release sent whose answer is still to be read: ``done`` gets it (or the error);
+    ``again`` makes the release the usual way."""
 
-    __slots__ = ("done", "read")
+    __slots__ = ("again", "done", "read")
 
-    def __init__(self, done: Callable[[bool | BackendError], object]) -> None:
+    def __init__(
+        self, done: Callable[[bool | BackendError], object], again: Callable[[], bool]
+    ) -> None:
         self.done = done
+        self.again = again
         self.read = threading.Event()
 
     def answer(self, result: bool | BackendError) -> None:
