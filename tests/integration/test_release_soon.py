@@ -244,3 +244,16 @@ def test_the_first_release_of_a_store_waits_for_its_answer(
         assert outcomes.calls == [(True, threading.current_thread().name)]
     finally:
         fresh.close()
+
+
+def test_closing_the_store_reads_the_answers_still_owed(server: RedisServer, prefix: str) -> None:
+    s = connect(server.url, prefix=prefix)
+    warm = s.lease("warm-up", ttl=30)
+    warm.acquire()
+    warm.release()
+    outcomes = Outcomes()
+    lease = s.lease("job", ttl=30)
+    assert lease.acquire()
+    lease.release_soon(outcomes)
+    s.close()
+    assert [released for released, _ in outcomes.calls] == [True]

@@ -468,6 +468,8 @@ class RedisBackend(Backend):
     def close(self) -> None:
         idle, self._idle = self._idle, []
         for conn in idle:
+            if self._owed:
+                self._collect(conn)  # the answers of releases still owed on it
             conn.disconnect()
         try:
             self.client.close()
