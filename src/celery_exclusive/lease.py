@@ -248,12 +248,13 @@ class Lease:
         """Give the lease back without waiting for the store's answer.
 
         The release is sent now, so that whatever this process does next (a worker storing
-        the task's result) reaches the store after it; this process's background thread reads
-        the answer, fires ``lease_released`` and calls ``then(released)``, and sends the
-        release again if it failed, until it succeeds or the lease has expired (see
-        :mod:`celery_exclusive.releasing`). An acquire of the same key in this process waits
-        for that answer first. On a store that cannot send without waiting, the release is
-        made here, as :meth:`release` does. Never raises for a store error.
+        the task's result) reaches the store after it; its answer is read later (by the next
+        command on that connection, or by this process's background thread), which fires
+        ``lease_released`` and calls ``then(released)``; a release that failed is sent again
+        until it succeeds or the lease has expired (see :mod:`celery_exclusive.releasing`).
+        An acquire of the same key in this process reads that answer first. On a store that
+        cannot send without waiting, the release is made here, as :meth:`release` does.
+        Never raises for a store error.
         """
         if not self._end_grant():
             return

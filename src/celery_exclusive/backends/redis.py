@@ -264,14 +264,9 @@ class RedisBackend(Backend):
         # reads it now if nobody has (a fallback timer, settle()).
         if self._pool is None or not self._release_loaded:
             return None  # the first release of a process waits: it loads the script
-        conn = self._take()
-        if conn is None:
-            return None
         call = ("release", [self._k(key, "lease"), self._k(key, "signal")], [token, SIGNAL_TTL_MS])
-        try:
-            conn.send_packed_command(conn.pack_commands([self._evalsha(call)]))
-        except BaseException:
-            self._drop(conn)
+        conn = self._write([call])
+        if conn is None:
             return None
         owed = _Owed(done, lambda: self.release(key, token))
         with self._owed_lock:
@@ -512,13 +507,8 @@ class RedisBackend(Backend):
         as the client is configured to; it raises BackendError for any other error.
         """
         idle = self._idle
-        conn = self._take()
+        conn = self._write(calls)
         if conn is None:
-            return None
-        try:
-            conn.send_packed_command(conn.pack_commands([self._evalsha(c) for c in calls]))
-        except BaseException:
-            self._drop(conn)
             return None
 
         def read() -> Any:
@@ -543,9 +533,21 @@ class RedisBackend(Backend):
 
         return read
 
-    def _evalsha(self, call: tuple[str, list[str], list[Any]]) -> tuple[Any, ...]:
-        name, keys, args = call
-        return ("EVALSHA", self._shas[name], len(keys), *keys, *args)
+    def _write(self, calls: Sequence[tuple[str, list[str], list[Any]]]) -> Any:
+        """Write script calls (EVALSHA) on a kept connection; return it, its replies unread.
+        None when nothing could be sent."""
+        conn = self._take()
+        if conn is None:
+            return None
+        commands = [
+            ("EVALSHA", self._shas[name], len(keys), *keys, *args) for name, keys, args in calls
+        ]
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+        except BaseException:
+            self._drop(conn)
+            return None
+        return conn
 
     def _take(self) -> Any:
         """A kept connection (or a new one from the pool), its owed answers read; None when
