@@ -34,7 +34,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import events, forking
-from .backends.base import Conflict, Holder, encode_meta
+from .backends.base import Conflict, Holder, RenewRequest, encode_meta
 from .exceptions import AlreadyHeld, BackendError, ConfigurationError, LeaseLost, Timeout
 from .releasing import release_soon, settle
 
@@ -115,6 +115,10 @@ class Lease:
         #   renewer sends renew(k) -> owner releases k -> store answers "not held"
         #   -> owner acquires k again -> the stale "not held" must not mark the new grant lost.
         self.generation = 0
+        # (generation, _deadline) as one tuple, replaced whole under the lock whenever either
+        # changes: the renewer reads it for every lease held, often, without taking the lock.
+        self._grant: tuple[int, float] = (0, 0.0)
+        self._renew_request = RenewRequest(self.key, self.token, self.ttl)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -271,7 +275,7 @@ class Lease:
         self._check_fork()
         with self._lock:
             was_granted = self._fence is not None and self._deadline > 0
-            self._deadline = 0.0
+            self._set_deadline(0.0)
         if self._renewer is not None:
             self._renewer.discard(self)
         return was_granted
@@ -283,7 +287,7 @@ class Lease:
         """
         self._check_fork()
         with self._lock:
-            self._deadline = 0.0
+            self._set_deadline(0.0)
         if self._renewer is not None:
             self._renewer.discard(self)
 
@@ -292,10 +296,8 @@ class Lease:
         self._check_fork()
         if self._fence is None or self._deadline == 0.0 or self._lost_reason is not None:
             return False
-        from .backends.base import RenewRequest
-
         sent = time.monotonic()
-        (ok,) = self.backend.renew([RenewRequest(self.key, self.token, self.ttl)])
+        (ok,) = self.backend.renew([self._renew_request])
         if ok:
             self.renewed(sent)
         else:
@@ -351,11 +353,12 @@ class Lease:
 
     def renewed(self, sent: float, generation: int | None = None) -> None:
         """Record a successful renewal sent at monotonic time ``sent`` for ``generation``."""
-        with self._lock:
+        with self._lock:  # the renewer calls this for every lease held, every interval
             if generation is not None and generation != self.generation:
                 return
             if self._deadline > 0 and self._lost_reason is None:
-                self._deadline = sent + self.ttl
+                self._deadline = deadline = sent + self.ttl
+                self._grant = (self.generation, deadline)
                 self.next_renewal = sent + self.ttl / 3
 
     def mark_lost(self, reason: str, generation: int | None = None) -> None:
@@ -383,8 +386,16 @@ class Lease:
 
     def grant_deadline(self) -> tuple[int, float]:
         """The current grant's ``generation`` and local deadline (monotonic; 0 when free)."""
-        with self._lock:
-            return self.generation, self._deadline
+        return self._grant
+
+    def renew_request(self) -> RenewRequest:
+        """What the store is asked to renew this lease's current grant by."""
+        return self._renew_request
+
+    def _set_deadline(self, deadline: float) -> None:
+        """Set the grant's local deadline (call with the lock held)."""
+        self._deadline = deadline
+        self._grant = (self.generation, deadline)
 
     def _check_fork(self) -> None:
         """In a process forked since the grant, forget it: it is the parent's (rule 6)."""
@@ -393,9 +404,9 @@ class Lease:
         self._lock = threading.Lock()  # another thread may have held it at the fork
         self._epoch = forking.epoch()
         if self._deadline > 0.0:
-            self._deadline = 0.0
             self._lost_reason = "it was granted to the process this one was forked from"
             self.generation += 1
+            self._set_deadline(0.0)
             self.next_renewal = math.inf
 
     def past_max_hold(self, now: float) -> bool:
@@ -410,10 +421,10 @@ class Lease:
         with self._lock:
             if self._deadline == 0.0 or self._lost_reason is not None:
                 self._acquired_at = sent
-            if self._deadline == 0.0 or self._lost_reason is not None:
                 self.generation += 1
             self._fence = fence
-            self._deadline = sent + self.ttl
+            self._set_deadline(sent + self.ttl)
+            self._renew_request = RenewRequest(self.key, self.token, self.ttl)
             self._lost_reason = None
             self._holders = ()
             self.next_renewal = sent + self.ttl / 3

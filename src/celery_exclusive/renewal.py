@@ -41,7 +41,6 @@ import time
 from typing import TYPE_CHECKING
 
 from . import forking
-from .backends.base import RenewRequest
 from .exceptions import BackendError
 
 if TYPE_CHECKING:
@@ -136,7 +135,8 @@ class Renewer:
                 # each call saved here counts with 10,000 leases.
                 for lease in list(self._leases.values()):
                     generation, deadline = lease.grant_deadline()
-                    give_up = deadline - _guard(lease.ttl)
+                    ttl = lease.ttl  # reported lost min(ttl / 10, 0.5) s before the deadline
+                    give_up = deadline - (ttl / 10 if ttl < 5.0 else 0.5)
                     hold_until = lease.max_hold_at()
                     reason = None
                     if now >= hold_until:  # lease.past_max_hold(now)
@@ -240,7 +240,7 @@ class _Sender:
         sent = time.monotonic()
         generations = [lease.generation for lease in leases]
         self._renewer.round_trips += 1
-        results = self._backend.renew([RenewRequest(le.key, le.token, le.ttl) for le in leases])
+        results = self._backend.renew([lease.renew_request() for lease in leases])
         for lease, generation, ok in zip(leases, generations, results, strict=True):
             if ok:
                 lease.renewed(sent, generation)
@@ -249,11 +249,6 @@ class _Sender:
 
 
 _next_renewal = operator.attrgetter("next_renewal")
-
-
-def _guard(ttl: float) -> float:
-    """How long before its local deadline an unconfirmed lease is reported lost."""
-    return min(ttl / 10, 0.5)
 
 
 def _retry_in(ttl: float) -> float:

@@ -15,7 +15,7 @@ import abc
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from ..exceptions import BackendError, ConfigurationError
@@ -131,9 +131,9 @@ class Conflict:
     retry_in: float
 
 
-@dataclass(frozen=True)
-class RenewRequest:
-    """One lease to renew in a :meth:`Backend.renew` batch."""
+class RenewRequest(NamedTuple):
+    """One lease to renew in a :meth:`Backend.renew` batch (a tuple: a renewer builds one per
+    lease held, every interval)."""
 
     key: str
     token: str

@@ -126,6 +126,13 @@ class RedisBackend(Backend):
         direct = not self._cluster and getattr(client, "connection", None) is None
         self._pool: Any = pool if direct and pool is not None else None
         self._pool_new_api = self._pool is not None and _get_connection_takes_no_name(pool)
+        # Commands are packed here (see _pack) when the client encodes text as UTF-8 strictly,
+        # as redis-py does by default; else by redis-py's own packer.
+        settings = self._pool.connection_kwargs if self._pool is not None else {}
+        encoding = str(settings.get("encoding", "utf-8")).lower().replace("_", "-")
+        self._pack_here = (
+            encoding in ("utf-8", "utf8") and settings.get("encoding_errors", "strict") == "strict"
+        )
         # Connections taken from that pool and kept for the fast path: each one's last reply
         # was read in full, so none needs the pool's check for unread data (a non-blocking
         # read and two timeout changes: three system calls per command).
@@ -311,8 +318,9 @@ class RedisBackend(Backend):
             calls.append(([self._k(requests[i].key, "lease") for i in batch], args))
         try:
             for (_, batch), reply in zip(batches, self._pipelined("renew", calls), strict=True):
-                for i, ok in zip(batch, reply, strict=True):
-                    results[i] = bool(int(ok))
+                flags = reply.decode() if isinstance(reply, bytes) else str(reply)
+                for i, flag in zip(batch, flags, strict=True):
+                    results[i] = flag == "1"
         except self._errors as exc:
             raise BackendError(f"renew on {self._description} failed: {exc}") from exc
         return results
@@ -543,7 +551,8 @@ class RedisBackend(Backend):
             ("EVALSHA", self._shas[name], len(keys), *keys, *args) for name, keys, args in calls
         ]
         try:
-            conn.send_packed_command(conn.pack_commands(commands))
+            packed = _pack(commands) if self._pack_here else None
+            conn.send_packed_command([packed] if packed else conn.pack_commands(commands))
         except BaseException:
             self._drop(conn)
             return None
@@ -636,6 +645,25 @@ def _get_connection_takes_no_name(pool: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return param is None or param.default is not inspect.Parameter.empty
+
+
+def _pack(commands: Sequence[tuple[Any, ...]]) -> bytes | None:
+    """The commands in the Redis protocol (RESP), as redis-py packs them with its default
+    UTF-8 encoder, at a third of its cost; None when an argument is not str, bytes or int
+    (redis-py packs those)."""
+    out = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            kind = type(arg)
+            if kind is str:
+                arg = arg.encode()
+            elif kind is int:
+                arg = b"%d" % arg
+            elif kind is not bytes:
+                return None
+            out.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    return b"".join(out)
 
 
 def _ms(seconds: float) -> int:
