@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import json
 import logging
 import math
 import threading
@@ -111,6 +112,7 @@ class RedisBackend(Backend):
                 "release",
                 "renew",
                 "holders",
+                "list",
                 "force_release",
                 "update_meta",
                 "take",
@@ -358,20 +360,54 @@ class RedisBackend(Backend):
         pattern = self._k(match or "*", "lease")
         start, end = len(self.prefix) + 2, -len("}:lease")
         try:
-            names = self.client.scan_iter(match=pattern, count=SCAN_BATCH, _type="hash")
-            # The holders of a whole batch of keys in one pipeline: one round trip per batch
-            # (on Cluster, one per node), not one per key.
-            while batch := list(itertools.islice(names, SCAN_BATCH)):
-                keys = [(n.decode() if isinstance(n, bytes) else str(n))[start:end] for n in batch]
-                calls: list[tuple[list[str], list[Any]]] = [
-                    ([self._k(key, "lease")], []) for key in keys
-                ]
-                for key, reply in zip(keys, self._pipelined("holders", calls), strict=True):
-                    found = _parse_holders(reply[1:], int(reply[0]))
-                    if found:
-                        yield LeaseInfo(key=key, holders=found)
+            if self._cluster:
+                yield from self._scan_cluster(pattern, start, end)
+                return
+            # One script per step: SCAN and the holders of what it found, one round trip and
+            # one JSON reply (parsed at once: redis-py parses a reply element by element). The
+            # next step is asked for before this one's holders are parsed: Redis runs it
+            # meanwhile.
+            pending: Callable[[], Any] | None = self._list_step("0", pattern)
+            try:
+                while pending is not None:
+                    step = pending()
+                    cursor, now_ms = str(step[0]), int(step[1])
+                    pending = None if cursor == "0" else self._list_step(cursor, pattern)
+                    for i in range(2, len(step), 2):
+                        found = _parse_holders(step[i + 1], now_ms)
+                        if found:
+                            yield LeaseInfo(key=step[i][start:end], holders=found)
+            finally:
+                if pending is not None:  # the caller stopped early: read what is on its way
+                    pending()
         except self._errors as exc:
             raise BackendError(f"scan on {self._description} failed: {exc}") from exc
+
+    def _list_step(self, cursor: str, pattern: str) -> Callable[[], Any]:
+        """Send one listing step (``list.lua``) now; return the reader of its parsed reply."""
+        args: list[Any] = [cursor, pattern, SCAN_BATCH]
+        read = self._send([("list", [], args)]) if self._pool is not None else None
+
+        def step() -> Any:
+            replies = read() if read is not None else _RETRY
+            reply = self._call("list", [], args) if replies is _RETRY else replies[0]
+            return json.loads(reply)
+
+        return step
+
+    def _scan_cluster(self, pattern: str, start: int, end: int) -> Iterator[LeaseInfo]:
+        """A Cluster's listing: a script may only read keys of one slot, so SCAN, then the
+        holders of each batch of keys in one pipeline (one round trip per node)."""
+        names = self.client.scan_iter(match=pattern, count=SCAN_BATCH, _type="hash")
+        while batch := list(itertools.islice(names, SCAN_BATCH)):
+            keys = [(n.decode() if isinstance(n, bytes) else str(n))[start:end] for n in batch]
+            calls: list[tuple[list[str], list[Any]]] = [
+                ([self._k(key, "lease")], []) for key in keys
+            ]
+            for key, reply in zip(keys, self._pipelined("holders", calls), strict=True):
+                found = _parse_holders(reply[1:], int(reply[0]))
+                if found:
+                    yield LeaseInfo(key=key, holders=found)
 
     def _pipelined(self, name: str, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
         """Run script ``name`` once per ``(keys, args)`` of ``calls`` in one pipeline
