@@ -389,7 +389,7 @@ class RedisBackend(Backend):
         read = self._send([("list", [], args)]) if self._pool is not None else None
 
         def step() -> Any:
-            replies = read() if read is not None else _RETRY
+            replies: Any = read() if read is not None else _RETRY
             reply = self._call("list", [], args) if replies is _RETRY else replies[0]
             return json.loads(reply)
 
