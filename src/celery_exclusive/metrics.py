@@ -165,6 +165,17 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def labels(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, kept: prometheus-client checks and locks on every call,
+        and a worker counts four to six times per run. (A child is the one
+        prometheus-client itself keeps per label values; it follows a fork by itself.)"""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
 
 _metrics: Metrics | None = None

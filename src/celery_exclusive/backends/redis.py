@@ -283,12 +283,12 @@ class RedisBackend(Backend):
         self._idle.append(conn)
 
         def collect() -> None:
-            if owed.read.is_set():
+            if owed.is_read():
                 return
             try:
                 self._idle.remove(conn)  # ours now: nobody else reads it meanwhile
             except ValueError:  # in use: its user reads the answer before anything else
-                owed.read.wait(self._socket_timeout or DEFAULT_SOCKET_TIMEOUT)
+                owed.wait_read(self._socket_timeout or DEFAULT_SOCKET_TIMEOUT)
                 return
             self._collect(conn)
             self._idle.append(conn)
@@ -657,17 +657,27 @@ class _Owed:
     """A release sent whose answer is still to be read: ``done`` gets it (or the error);
     ``again`` makes the release the usual way."""
 
-    __slots__ = ("again", "done", "read")
+    __slots__ = ("_unread", "again", "done")
 
     def __init__(
         self, done: Callable[[bool | BackendError], object], again: Callable[[], bool]
     ) -> None:
         self.done = done
         self.again = again
-        self.read = threading.Event()
+        # Held until the answer is read: a lock, not an Event (one per release; an Event
+        # costs a Condition and two locks).
+        self._unread = threading.Lock()
+        self._unread.acquire()
+
+    def is_read(self) -> bool:
+        return not self._unread.locked()
+
+    def wait_read(self, timeout: float) -> None:
+        if self._unread.acquire(timeout=timeout):
+            self._unread.release()
 
     def answer(self, result: bool | BackendError) -> None:
-        self.read.set()
+        self._unread.release()  # called once: its answer is popped from the owed list
         try:
             self.done(result)
         except Exception:  # a receiver's error must not break the command that read it

@@ -95,20 +95,20 @@ def on_acquired(
     if m is None or lease is None:
         return
     task = _task(sender)
-    m.acquisitions.labels(task).inc()
+    m.labels(m.acquisitions, task).inc()
     with _lock:
         was_refused = lease in _refused
         _refused.discard(lease)
         _grants[id(lease)] = _Grant(lease, task, str(task_id), time.monotonic())
     if was_refused and waited is not None:
-        m.wait.labels(task).observe(waited)
-    m.held.labels(task).inc()
+        m.labels(m.wait, task).observe(waited)
+    m.labels(m.held, task).inc()
 
 
 def _end(grant: _Grant, m: core.Metrics) -> None:
-    m.hold.labels(grant.task).observe(time.monotonic() - grant.at)
+    m.labels(m.hold, grant.task).observe(time.monotonic() - grant.at)
     if grant.counted:
-        m.held.labels(grant.task).dec()
+        m.labels(m.held, grant.task).dec()
 
 
 def on_released(
@@ -118,7 +118,7 @@ def on_released(
     m = _metrics()
     if m is None:
         return
-    m.releases.labels(_task(sender), "true" if released else "false").inc()
+    m.labels(m.releases, _task(sender), "true" if released else "false").inc()
     with _lock:
         grant = _grants.pop(id(lease), None) if lease is not None else None
     if grant is not None:
@@ -131,13 +131,13 @@ def on_lost(sender: Any = None, task_id: Any = None, reason: Any = "", **_: Any)
     if m is None:
         return
     task = _task(sender)
-    m.lost.labels(task, core.lost_reason(str(reason))).inc()
+    m.labels(m.lost, task, core.lost_reason(str(reason))).inc()
     with _lock:
         lost = [g for g in _grants.values() if g.task_id == str(task_id) and g.counted]
         for grant in lost:
             if not grant.lease.held:
                 grant.counted = False
-                m.held.labels(grant.task).dec()
+                m.labels(m.held, grant.task).dec()
 
 
 def after_run(sender: Any = None, task_id: Any = None, **_: Any) -> None:
@@ -165,21 +165,21 @@ def on_conflict(sender: Any = None, action: Any = "", **_: Any) -> None:
     """``exclusive_conflict``: count it by action."""
     m = _metrics()
     if m is not None:
-        m.conflicts.labels(_task(sender), str(action)).inc()
+        m.labels(m.conflicts, _task(sender), str(action)).inc()
 
 
 def on_duplicate(sender: Any = None, action: Any = "", **_: Any) -> None:
     """``exclusive_duplicate``: count it by action."""
     m = _metrics()
     if m is not None:
-        m.duplicates.labels(_task(sender), str(action)).inc()
+        m.labels(m.duplicates, _task(sender), str(action)).inc()
 
 
 def on_store_error(sender: Any = None, action: Any = "", **_: Any) -> None:
     """``exclusive_store_error``: count it by action."""
     m = _metrics()
     if m is not None:
-        m.store_errors.labels(_task(sender), str(action)).inc()
+        m.labels(m.store_errors, _task(sender), str(action)).inc()
 
 
 # -- serving from a worker ------------------------------------------------------------------
