@@ -20,7 +20,7 @@ from celery_exclusive.renewal import Renewer
 from ..conftest import unavailable
 from ..servers import RedisServer, redis_server_binary, wait_until
 
-HELD = 1_200  # more than two SCAN batches
+HELD = 500  # more than two SCAN batches
 SEMAPHORES = 40  # keys with two holders (limit=2)
 EXPIRED = 60  # keys whose only holder expired
 HALF_EXPIRED = 20  # semaphores with one live and one expired holder
