@@ -89,8 +89,7 @@ class Renewer:
                 self._thread.start()
             # Wake the thread only if this lease is due before it would wake anyway: with
             # many leases held, waking it (and its scan) on every acquire costs every acquire.
-            if lease.next_renewal < self._wake_at:
-                self._cond.notify_all()
+            self._wake_by(min(lease.next_renewal, lease.max_hold_at()))
 
     def discard(self, lease: Lease) -> None:
         """Stop renewing ``lease`` (idempotent)."""
@@ -121,16 +120,28 @@ class Renewer:
 
         Returns the leases lost (past their deadline, or at ``max_hold``), each with its
         grant's generation and why, to be reported outside the lock.
+
+        A pass over every lease runs only when ``_wake_at`` comes: the earliest time a pass
+        planned for (a renewal due, a deadline, ``max_hold``), brought forward by ``add`` and
+        by a sender that finished (its batch's next renewal). So a process holding many
+        leases of one store scans them once per renewal interval.
         """
         with self._cond:
             while True:
                 now = time.monotonic()
+                if now < self._wake_at:
+                    self._cond.wait(self._wake_at - now)
+                    continue
                 lost: list[tuple[Lease, int, str]] = []
                 due: dict[int, list[Lease]] = {}
-                wake = now + self._idle_interval
+                # With leases held, the pass wakes for their next renewal and deadlines (an
+                # idle wake-up just before a batch's next renewal would cost a pass per round).
+                wake = now + (self._idle_interval if not self._leases else 3600.0)
                 # A busy sender stays busy while we hold the condition: its stores' leases
                 # are not due (they are still checked for their deadline).
                 busy = {store for store, sender in self._senders.items() if sender.busy}
+                for store in busy:  # its leases are not looked at for renewal in this pass:
+                    self._senders[store].skipped = True  # a pass follows when it is free
                 # This loop runs over every lease held, a few times per renewal interval:
                 # each call saved here counts with 10,000 leases.
                 for lease in list(self._leases.values()):
@@ -161,10 +172,9 @@ class Renewer:
                         continue
                     batch = [le for le in leases if le.next_renewal <= now + le.ttl / 6]
                     self._sender_for(batch[0].backend).send(batch)
+                self._wake_at = wake
                 if lost:
                     return lost
-                self._wake_at = wake
-                self._cond.wait(max(wake - now, 0.0))
 
     def _sender_for(self, backend: Backend) -> _Sender:
         """The sender thread of ``backend`` (call with the condition held)."""
@@ -174,10 +184,19 @@ class Renewer:
             self._senders[id(backend)] = sender
         return sender
 
-    def _renewed(self, sender: _Sender) -> None:
-        """A sender is free again: let the scheduler plan its next batch."""
+    def _renewed(self, sender: _Sender, next_due: float) -> None:
+        """A sender is free again, its batch next due at ``next_due`` (monotonic)."""
         with self._cond:
             sender.busy = False
+            if sender.skipped:  # a pass ran while it was busy and left its leases out
+                sender.skipped = False
+                next_due = 0.0
+            self._wake_by(next_due)
+
+    def _wake_by(self, when: float) -> None:
+        """Have the scheduler pass over the leases by ``when`` (call with the condition held)."""
+        if when < self._wake_at:
+            self._wake_at = when
             self._cond.notify_all()
 
 
@@ -195,6 +214,7 @@ class _Sender:
         self._backend = backend
         self._batch: list[Lease] = []
         self.busy = False
+        self.skipped = False  # a scheduler pass left this store's leases out while busy
         self.alive = True
         thread = threading.Thread(target=self._run, name="celery-exclusive-renewer-send")
         thread.daemon = True
@@ -218,8 +238,9 @@ class _Sender:
                         return
                     cond.wait(remaining)
                 batch, self._batch = self._batch, []
+            next_due = 0.0  # when this batch is next due; 0: at once (let the scheduler see)
             try:
-                self._renew(batch)
+                next_due = self._renew(batch)
             except Exception as exc:  # the thread must survive anything a backend does
                 # Tried again shortly; the scheduler reports a lease lost at its deadline.
                 expected = isinstance(exc, BackendError)
@@ -233,10 +254,12 @@ class _Sender:
                 now = time.monotonic()
                 for lease in batch:
                     lease.next_renewal = now + _retry_in(lease.ttl)
+                next_due = min(lease.next_renewal for lease in batch)
             finally:
-                self._renewer._renewed(self)
+                self._renewer._renewed(self, next_due)
 
-    def _renew(self, leases: list[Lease]) -> None:
+    def _renew(self, leases: list[Lease]) -> float:
+        """Renew ``leases`` in one request; return when the earliest of them is next due."""
         sent = time.monotonic()
         generations = [lease.generation for lease in leases]
         self._renewer.round_trips += 1
@@ -246,6 +269,7 @@ class _Sender:
                 lease.renewed(sent, generation)
             else:
                 lease.mark_lost("renewal refused: the store no longer had it", generation)
+        return sent + min(lease.ttl for lease in leases) / 3
 
 
 _next_renewal = operator.attrgetter("next_renewal")
