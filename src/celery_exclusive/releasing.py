@@ -204,8 +204,9 @@ class Releaser:
             mine = [e for e in self._pending.values() if not e.claimed]
             for entry in mine:
                 entry.claimed = True
-            # Forgotten after this one try; the thread's own finish theirs.
-            self._pending = {i: e for i, e in self._pending.items() if not _in(e, mine)}
+            # Forgotten after this one try; the thread's own (claimed before) finish theirs.
+            ours = {id(e) for e in mine}
+            self._pending = {i: e for i, e in self._pending.items() if id(e) not in ours}
         for entry in mine:
             self._try(entry)
         with self._cond:
@@ -264,10 +265,6 @@ class Releaser:
             logger.exception("%s failed", entry.what)
             return False
         return True
-
-
-def _in(entry: _Pending, entries: list[_Pending]) -> bool:
-    return any(entry is e for e in entries)
 
 
 _releaser: Releaser | None = None

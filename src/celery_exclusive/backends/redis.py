@@ -249,6 +249,9 @@ class RedisBackend(Backend):
         args = [token, _ms(ttl), limit, meta, retention, _ms(wait) if wait > 0 else 0]
         return "acquire", [self._k(key, "lease")], args
 
+    def _release_call(self, key: str, token: str) -> tuple[str, list[str], list[Any]]:
+        return "release", [self._k(key, "lease"), self._k(key, "signal")], [token, SIGNAL_TTL_MS]
+
     @staticmethod
     def _granted(key: str, limit: int, reply: Any) -> Grant | Conflict:
         if int(reply[0]) == 1:
@@ -260,9 +263,7 @@ class RedisBackend(Backend):
         return Conflict(holders=holders, retry_in=retry_in)
 
     def release(self, key: str, token: str) -> bool:
-        reply = self._call(
-            "release", [self._k(key, "lease"), self._k(key, "signal")], [token, SIGNAL_TTL_MS]
-        )
+        reply = self._call(*self._release_call(key, token))
         self._release_loaded = True  # the script is on the server now: see send_release
         return bool(int(reply))
 
@@ -275,8 +276,7 @@ class RedisBackend(Backend):
         # reads it now if nobody has (a fallback timer, settle()).
         if self._pool is None or not self._release_loaded:
             return None  # the first release of a process waits: it loads the script
-        call = ("release", [self._k(key, "lease"), self._k(key, "signal")], [token, SIGNAL_TTL_MS])
-        conn = self._write([call])
+        conn = self._write([self._release_call(key, token)])
         if conn is None:
             return None
         owed = _Owed(done, lambda: self.release(key, token))
@@ -387,15 +387,8 @@ class RedisBackend(Backend):
 
     def _list_step(self, cursor: str, pattern: str) -> Callable[[], Any]:
         """Send one listing step (``list.lua``) now; return the reader of its parsed reply."""
-        args: list[Any] = [cursor, pattern, SCAN_BATCH]
-        read = self._send([("list", [], args)]) if self._pool is not None else None
-
-        def step() -> Any:
-            replies: Any = read() if read is not None else _RETRY
-            reply = self._call("list", [], args) if replies is _RETRY else replies[0]
-            return json.loads(reply)
-
-        return step
+        read = self._call_later([("list", [], [cursor, pattern, SCAN_BATCH])])
+        return lambda: json.loads(read()[0])
 
     def _scan_cluster(self, pattern: str, start: int, end: int) -> Iterator[LeaseInfo]:
         """A Cluster's listing: a script may only read keys of one slot, so SCAN, then the
@@ -527,12 +520,26 @@ class RedisBackend(Backend):
 
     def _call_all(self, calls: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
         """Run script calls in order, in one round trip on the fast path; return the replies."""
-        if self._pool is not None:
-            sent = self._send(calls)
+        return self._call_later(calls)()
+
+    def _call_later(
+        self, calls: Sequence[tuple[str, list[str], list[Any]]]
+    ) -> Callable[[], list[Any]]:
+        """Send script calls now on the fast path; return the reader of their replies, which
+        makes the calls the usual way when the fast path could not (see _send)."""
+        sent = self._send(calls) if self._pool is not None else None
+
+        def replies() -> list[Any]:
             if sent is not None:
-                replies = sent()
-                if replies is not _RETRY:
-                    return replies  # type: ignore[no-any-return]
+                read = sent()
+                if read is not _RETRY:
+                    return read  # type: ignore[no-any-return]
+            return self._call_usual(calls)
+
+        return replies
+
+    def _call_usual(self, calls: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
+        """Run script calls one by one through redis-py (which loads a script on NOSCRIPT)."""
         replies = []
         for name, keys, args in calls:
             try:
