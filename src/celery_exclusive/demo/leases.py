@@ -10,6 +10,7 @@ What it shows, on an embedded Redis (or ``--redis URL``):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from .. import connect
@@ -39,9 +40,14 @@ class Hold:
     end: float | None = None
 
 
-def _worker(url: str, prefix: str, name: str, ttl: float, stop_at: float, events: Any) -> None:
+def _worker(
+    url: str, prefix: str, name: str, ttl: float, duration: float, events: Any, go: Any
+) -> None:
     store = connect(url, prefix=prefix)
     rng = random.Random(os.getpid())
+    events.put(("ready", name, "", 0, time.time(), os.getpid()))
+    go.wait(120)  # every worker contends from the same moment, however slow the start
+    stop_at = time.time() + duration
     while time.time() < stop_at:
         key = rng.choice(KEYS)
         lease = store.lease(key, ttl=ttl, meta={"worker": name})
@@ -54,6 +60,15 @@ def _worker(url: str, prefix: str, name: str, ttl: float, stop_at: float, events
         events.put(("done", name, key, lease.fence, end, os.getpid()))
         lease.release()
     store.close()
+
+
+def _wait_ready(events: Any, workers: int, deadline: float) -> None:
+    """Wait until every worker process has started and connected (spawning takes seconds)."""
+    ready = 0
+    while ready < workers and time.time() < deadline:
+        with contextlib.suppress(queue.Empty):
+            if events.get(timeout=0.5)[0] == "ready":
+                ready += 1
 
 
 def _probe(url: str, prefix: str, key: str, ttl: float, freed: list[float]) -> None:
@@ -124,6 +139,94 @@ def _remove_keys(url: str, prefix: str) -> None:
         remove_prefixed(client, prefix)
 
 
+@dataclass
+class _Watch:
+    """What the demo sees of the workers' holds, and the one kill it makes."""
+
+    url: str
+    prefix: str
+    ttl: float
+    t0: float
+    out: TextIO
+    holds: list[Hold] = field(default_factory=list)
+    open_holds: dict[tuple[str, str], Hold] = field(default_factory=dict)
+    kill: tuple[float, str] | None = None  # (when, key)
+    killed_worker: str = ""
+    freed_after: float | None = None
+    freed_by_probe: list[float] = field(default_factory=list)
+
+    def saw(self, kind: str, name: str, key: str, fence: int, at: float) -> None:
+        """Record one worker's event: a grant ("hold") or a release ("done")."""
+        if kind == "hold":
+            hold = Hold(name, key, fence, at)
+            self.holds.append(hold)
+            self.open_holds[(name, key)] = hold
+            note = ""
+            kill = self.kill
+            if kill and kill[1] == key and self.freed_after is None and name != self.killed_worker:
+                self.freed_after = at - kill[0]
+                note = f"   <- free again {self.freed_after:.2f} s after the kill"
+            print(
+                f"  {at - self.t0:5.2f} s  worker {name} holds {key}  fence {fence}{note}",
+                file=self.out,
+            )
+        elif kind == "done":
+            finished = self.open_holds.pop((name, key), None)
+            if finished is not None:
+                finished.end = at
+
+    def kill_a_holder(self, procs: dict[str, Any]) -> None:
+        """SIGKILL one worker while it holds a key, and wait for that key in a thread."""
+        (name, key), hold = next(iter(self.open_holds.items()))
+        pid = procs[name].pid
+        if not pid:
+            return
+        os.kill(pid, signal.SIGKILL)
+        self.kill = (time.time(), key)
+        self.killed_worker = name
+        hold.end = self.kill[0]  # it stops working; its lease lives on until expiry
+        self.open_holds.pop((name, key))
+        print(
+            f"  {self.kill[0] - self.t0:5.2f} s  ** worker {name} killed (SIGKILL) holding {key}:"
+            f" no release will run; the lease must expire **",
+            file=self.out,
+        )
+        # Also wait for the key here, in case no worker happens to pick it again.
+        args = (self.url, self.prefix, key, self.ttl, self.freed_by_probe)
+        threading.Thread(target=_probe, args=args, daemon=True).start()
+
+    def report(self) -> int:
+        """Print the timeline and the checks; return 0 when every check holds."""
+        out, kill = self.out, self.kill
+        if kill is not None and self.freed_by_probe:
+            probed = self.freed_by_probe[0] - kill[0]
+            self.freed_after = probed if self.freed_after is None else min(self.freed_after, probed)
+        holds, freed_after = self.holds, self.freed_after
+        t1 = max([h.end or h.start for h in holds] + [time.time()])
+        bad = overlaps(holds)
+        rising = fences_rise(holds)
+        print("\nTimeline (one row per key; letters are workers, X the kill):", file=out)
+        for row in timeline(holds, self.t0, t1, kill):
+            print("  " + row, file=out)
+        print("\nSummary", file=out)
+        print(f"  leases granted            {len(holds)}", file=out)
+        print(f"  overlapping holds         {len(bad)}", file=out)
+        print(f"  fences rising on each key {'yes' if rising else 'NO'}", file=out)
+        if kill:
+            freed = (
+                f"{freed_after:.2f} s (ttl {self.ttl:g} s)"
+                if freed_after is not None
+                else "not seen"
+            )
+            print(f"  killed holder's key free  after {freed}", file=out)
+        else:
+            print("  (no worker was caught holding a key, so none was killed)", file=out)
+        # No grant or no kill would be a demo that showed nothing: that fails too.
+        ok = bool(holds) and not bad and rising and kill is not None and freed_after is not None
+        print("\n" + ("All checks passed." if ok else "A CHECK FAILED."), file=out)
+        return 0 if ok else 1
+
+
 def run(
     url: str | None = None,
     *,
@@ -139,28 +242,25 @@ def run(
             return run(embedded, workers=workers, duration=duration, ttl=ttl, out=out)
     prefix = f"demo-{os.getpid()}"
     ctx = mp.get_context("spawn")
-    events = ctx.Queue()
-    t0 = time.time()
-    stop_at = t0 + duration
+    events, go = ctx.Queue(), ctx.Event()
     procs = {
         NAMES[i]: ctx.Process(
-            target=_worker, args=(url, prefix, NAMES[i], ttl, stop_at, events), daemon=True
+            target=_worker, args=(url, prefix, NAMES[i], ttl, duration, events, go), daemon=True
         )
         for i in range(workers)
     }
     for p in procs.values():
         p.start()
+    _wait_ready(events, workers, time.time() + 120)
+    t0 = time.time()
+    stop_at = t0 + duration
+    go.set()
     print(
         f"{workers} worker processes contend for {', '.join(KEYS)} (ttl {ttl:g} s) for "
         f"{duration:g} s; one will be killed with SIGKILL while it holds a key.\n",
         file=out,
     )
-    holds: list[Hold] = []
-    open_holds: dict[tuple[str, str], Hold] = {}
-    kill: tuple[float, str] | None = None
-    killed_worker = ""
-    freed_after: float | None = None
-    freed_by_probe: list[float] = []
+    watch = _Watch(url, prefix, ttl, t0, out)
     deadline = stop_at + ttl * 4 + 10
     try:
         while time.time() < deadline and (
@@ -168,64 +268,15 @@ def run(
         ):
             try:
                 kind, name, key, fence, at, _pid = events.get(timeout=0.1)
+                watch.saw(kind, name, key, fence, at)
             except queue.Empty:
-                kind = ""
-            if kind == "hold":
-                hold = Hold(name, key, fence, at)
-                holds.append(hold)
-                open_holds[(name, key)] = hold
-                note = ""
-                if kill and kill[1] == key and freed_after is None and name != killed_worker:
-                    freed_after = at - kill[0]
-                    note = f"   <- free again {freed_after:.2f} s after the kill"
-                print(
-                    f"  {at - t0:5.2f} s  worker {name} holds {key}  fence {fence}{note}", file=out
-                )
-            elif kind == "done":
-                finished = open_holds.pop((name, key), None)
-                if finished is not None:
-                    finished.end = at
-            if kill is None and time.time() > t0 + duration / 3 and open_holds:
-                (name, key), hold = next(iter(open_holds.items()))
-                proc = procs[name]
-                if proc.pid:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    kill = (time.time(), key)
-                    killed_worker = name
-                    hold.end = kill[0]  # it stops working; its lease lives on until expiry
-                    open_holds.pop((name, key))
-                    print(
-                        f"  {kill[0] - t0:5.2f} s  ** worker {name} killed (SIGKILL) holding {key}:"
-                        f" no release will run; the lease must expire **",
-                        file=out,
-                    )
-                    # Also wait for the key here, in case no worker happens to pick it again.
-                    probe = threading.Thread(
-                        target=_probe, args=(url, prefix, key, ttl, freed_by_probe), daemon=True
-                    )
-                    probe.start()
+                pass
+            if watch.kill is None and time.time() > t0 + duration / 3 and watch.open_holds:
+                watch.kill_a_holder(procs)
     finally:
         for p in procs.values():
             if p.is_alive():
                 p.kill()
             p.join(5)
         _remove_keys(url, prefix)
-    if kill is not None and freed_by_probe:
-        probed = freed_by_probe[0] - kill[0]
-        freed_after = probed if freed_after is None else min(freed_after, probed)
-    t1 = max([h.end or h.start for h in holds] + [time.time()])
-    bad = overlaps(holds)
-    rising = fences_rise(holds)
-    print("\nTimeline (one row per key; letters are workers, X the kill):", file=out)
-    for row in timeline(holds, t0, t1, kill):
-        print("  " + row, file=out)
-    print("\nSummary", file=out)
-    print(f"  leases granted            {len(holds)}", file=out)
-    print(f"  overlapping holds         {len(bad)}", file=out)
-    print(f"  fences rising on each key {'yes' if rising else 'NO'}", file=out)
-    if kill:
-        freed = f"{freed_after:.2f} s (ttl {ttl:g} s)" if freed_after is not None else "not seen"
-        print(f"  killed holder's key free  after {freed}", file=out)
-    ok = not bad and rising and (kill is None or freed_after is not None)
-    print("\n" + ("All checks passed." if ok else "A CHECK FAILED."), file=out)
-    return 0 if ok else 1
+    return watch.report()
