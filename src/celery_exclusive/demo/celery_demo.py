@@ -99,8 +99,6 @@ def _run(
     results: list[Any],
     out: TextIO,
 ) -> int:
-    from ..celery import is_skipped
-
     url = tasks.URL
     t0 = time.time()
     say = _Printer(out, t0)
@@ -143,6 +141,13 @@ def _run(
         stop.set()
         watcher.join(5)
 
+    return _report(events, prefix, t0, calls, values, killed_at, free_after, tasks.TTL, out)
+
+
+def _recorded_runs(
+    events: Any, prefix: str, killed_at: float | None
+) -> tuple[list[Hold], int, int, int]:
+    """The runs the workers recorded: holds, how many finished, were cut short, ran again."""
     started = [json.loads(x) for x in events.lrange(f"{prefix}:started", 0, -1)]
     # A run is one (task id, worker process): a redelivered task runs again under its old id.
     finished = {
@@ -155,10 +160,27 @@ def _run(
         for s in started
     ]  # fmt: skip
     cut_short = [s for s in started if (s["id"], s["worker"]) not in finished]
+    redone = [s for s in cut_short if any(f[0] == s["id"] for f in finished)]
+    return holds, len(finished), len(cut_short), len(redone)
+
+
+def _report(
+    events: Any,
+    prefix: str,
+    t0: float,
+    calls: int,
+    values: dict[str, Any],
+    killed_at: float | None,
+    free_after: float | None,
+    ttl: float,
+    out: TextIO,
+) -> int:
+    """Print the timeline and the summary of what the workers recorded; 0 when all checks hold."""
+    from ..celery import is_skipped
+
+    holds, executed, cut_short, redone = _recorded_runs(events, prefix, killed_at)
     bad = overlaps(holds)
     skipped = sum(1 for v in values.values() if is_skipped(v))
-    executed = len(finished)
-    redone = [s for s in cut_short if any(f[0] == s["id"] for f in finished)]
     failed = [v for v in values.values() if isinstance(v, Exception)]
     print("\nTimeline (one row per customer; letters are the workers, X the kill):", file=out)
     for row in _timeline(holds, t0, time.time(), killed_at):
@@ -166,8 +188,8 @@ def _run(
     print("\nSummary", file=out)
     rows: list[tuple[str, object]] = [
         ("calls to delay()", calls),
-        ("messages published", len(distinct)),
-        ("de-duplicated at enqueue", calls - len(distinct)),
+        ("messages published", len(values)),
+        ("de-duplicated at enqueue", calls - len(values)),
         ("runs executed", executed),
         ("runs skipped (key held)", skipped),
         ("overlapping runs of a key", len(bad)),
@@ -177,13 +199,13 @@ def _run(
         rows.append(
             (
                 "killed run's lease free",
-                f"after {free_after:.2f} s (ttl {tasks.TTL:g} s)"
+                f"after {free_after:.2f} s (ttl {ttl:g} s)"
                 if free_after is not None
                 else "not seen",
             )
         )
-        rows.append(("runs cut short by the kill", len(cut_short)))
-        rows.append(("... and run again (acks_late)", len(redone)))
+        rows.append(("runs cut short by the kill", cut_short))
+        rows.append(("... and run again (acks_late)", redone))
     for label, value in rows:
         print(f"  {label:<30} {value}", file=out)
     if killed_at is None:
@@ -193,7 +215,7 @@ def _run(
         and not failed
         and killed_at is not None
         and free_after is not None
-        and len(redone) == len(cut_short)
+        and redone == cut_short
     )
     print("\n" + ("All checks passed." if ok else "A CHECK FAILED."), file=out)
     return 0 if ok else 1
