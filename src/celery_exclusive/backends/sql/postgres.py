@@ -97,8 +97,12 @@ def _pg_params(url_or_params: str | dict[str, str]) -> dict[str, str]:
 
 
 def _libpq_option(name: str) -> bool:
-    """Every query item that is not ours goes to libpq, which refuses the ones it does not know
-    when the URL is parsed (``invalid PostgreSQL URL``, a ConfigurationError)."""
+    """Tell ``parse_options`` that a query item not ours is libpq's: every one is.
+
+    libpq itself refuses a name it does not know when the URL is parsed (``invalid PostgreSQL
+    URL``, a ConfigurationError). Its keyword list is not the whole story (a URI also takes
+    aliases such as ``ssl=true``), so it is libpq's parser that judges, not a copy of its list.
+    """
     return True
 
 

@@ -12,7 +12,27 @@ from __future__ import annotations
 
 from .schema import PG_DDL
 
-__all__ = ["NOTIFY_CHANNEL", "PG_DDL_LOCK", "PG_TABLES_EXIST", "STATEMENTS"]
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "PG_CLEANUP_FENCES",
+    "PG_CLEANUP_LEASES",
+    "PG_DDL_LOCK",
+    "PG_DROP_EXPIRED",
+    "PG_FORCE_RELEASE",
+    "PG_GRANT",
+    "PG_HAND_OVER",
+    "PG_HOLDERS",
+    "PG_IS_DONE",
+    "PG_LOCK_COUNTER",
+    "PG_MARK_DONE",
+    "PG_RELEASE",
+    "PG_RENEW",
+    "PG_SCAN",
+    "PG_TABLES_EXIST",
+    "PG_TAKE",
+    "PG_UPDATE_META",
+    "STATEMENTS",
+]
 
 #: The channel a release notifies, with the (prefixed) key as payload.
 NOTIFY_CHANNEL = "celery_exclusive"

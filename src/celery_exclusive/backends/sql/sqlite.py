@@ -39,16 +39,19 @@ from .common import (
 from .schema import DEFAULT_TABLE, check_table, table_names
 from .sqlite_sql import STATEMENTS
 
-__all__ = ["SQLITE_POLL", "SQLiteBackend"]
+__all__ = ["DEFAULT_BUSY_TIMEOUT", "SQLITE_POLL", "SQLiteBackend"]
 
 T = TypeVar("T")
 
 #: SQLite has no notification: a waiter sleeps at most this long, then the caller re-checks.
 SQLITE_POLL = 0.05
 
+#: Seconds a transaction waits for the database's write lock, unless ``busy_timeout`` says.
+DEFAULT_BUSY_TIMEOUT = 10.0
+
 #: The store's own options: the shared ones, and ``busy_timeout``.
 _OPTIONS: dict[str, Converter] = {**shared_options(schema_allowed=False), "busy_timeout": seconds}
-_DEFAULTS: dict[str, Any] = {**SHARED_DEFAULTS, "busy_timeout": 10.0}
+_DEFAULTS: dict[str, Any] = {**SHARED_DEFAULTS, "busy_timeout": DEFAULT_BUSY_TIMEOUT}
 
 #: Connections a forked child inherited: kept referenced so they are never closed in the child.
 _inherited: list[object] = []
@@ -101,7 +104,7 @@ class SQLiteBackend(_SQLBackend):
         fence_retention: float = DEFAULT_FENCE_RETENTION,
         cleanup_interval: float = DEFAULT_CLEANUP_INTERVAL,
         create_tables: bool = True,
-        busy_timeout: float = 10.0,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         description: str | None = None,
     ) -> None:
         check_table(table, schema_allowed=False)

@@ -13,7 +13,30 @@ from __future__ import annotations
 
 from .schema import SQLITE_DDL
 
-__all__ = ["STATEMENTS"]
+__all__ = [
+    "SQLITE_BUMP",
+    "SQLITE_CLEANUP_FENCES",
+    "SQLITE_CLEANUP_LEASES",
+    "SQLITE_COUNT_LIVE",
+    "SQLITE_DROP_EXPIRED",
+    "SQLITE_EXPIRY_OF",
+    "SQLITE_EXTEND",
+    "SQLITE_FENCE_OF",
+    "SQLITE_FORCE_RELEASE",
+    "SQLITE_HAND_OVER",
+    "SQLITE_HOLDERS",
+    "SQLITE_INSERT",
+    "SQLITE_IS_DONE",
+    "SQLITE_LAST_FENCE",
+    "SQLITE_MARK_DONE",
+    "SQLITE_META_OF",
+    "SQLITE_OTHERS",
+    "SQLITE_RELEASE",
+    "SQLITE_SCAN",
+    "SQLITE_SEED_COUNTER",
+    "SQLITE_UPDATE_META",
+    "STATEMENTS",
+]
 
 SQLITE_SEED_COUNTER = """
 -- Acquire, step 1: create the key's fence counter, seeded with the clock in microseconds.
