@@ -165,6 +165,8 @@ class PostgresBackend(_SQLBackend):
         """
         shown = redact_url(url)
         query = query_items(url)
+        # listen_url is itself a URL (with a password and a query of its own): a keyword only,
+        # as documented, rather than a query item that would need escaping inside this one.
         if any(name == "listen_url" for name, _ in query):
             raise ConfigurationError(
                 f"PostgreSQL store {shown!r}: listen_url is a keyword argument only, "
