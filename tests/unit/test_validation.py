@@ -90,7 +90,7 @@ def test_configuration_errors_are_value_errors() -> None:
         ("redis+cluster://:7000", "at least one host|invalid host"),
         ("redis+cluster://h:notaport", "invalid host"),
         ("sqlite:///x.db?table=bad;drop", "invalid table name"),
-        ("sqlite:///x.db?bogus=1", "unknown SQLite store option"),
+        ("sqlite:///x.db?bogus=1", "unknown SQLite option"),
         ("sqlite://relative", "invalid SQLite URL"),
         ("postgresql://h/db?table=1bad", "invalid table name"),
     ],
