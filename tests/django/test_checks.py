@@ -195,6 +195,24 @@ def test_django_cache_url_parameters_are_checked() -> None:
         connect("django-cache://")
 
 
+@pytest.mark.parametrize(
+    ("url", "options", "name"),
+    [
+        ("django-cache://db", {"poll": -1}, "poll"),
+        ("django-cache://db?poll=0.5", {"fence_retention": "soon"}, "fence_retention"),
+        ("django-cache://db?prefix=a{b}", {}, "prefix"),
+        ("django-cache://db", {"prefix": ""}, "prefix"),
+        ("django-cache://db", {"timeout": 3}, "timeout"),
+    ],
+)
+def test_a_bad_option_names_itself_and_the_url(
+    url: str, options: dict[str, object], name: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=name) as info:
+        connect(url, **options)
+    assert "django-cache://db" in str(info.value)
+
+
 # -- every bad CELERY_EXCLUSIVE_* value is an error of manage.py check, not of the first task
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from ...exceptions import ConfigurationError
 from .common import import_django
 
-__all__ = ["FAMILIES", "CacheProblem", "CacheSupport", "inspect_cache"]
+__all__ = ["CacheProblem", "CacheSupport", "inspect_cache"]
 
 
 class CacheProblem(str, enum.Enum):
@@ -39,9 +39,6 @@ class CacheProblem(str, enum.Enum):
     #: A cache class no atomic compare-and-swap is known for.
     UNKNOWN_CLASS = "unknown-class"
 
-
-#: The cache families that can hold leases, each served by the module of that name.
-FAMILIES = ("redis", "django-redis", "database", "memcached")
 
 #: Cache classes (by the path of a class in their MRO) that can never hold a lease.
 _REFUSED = {
@@ -67,7 +64,7 @@ _REFUSED = {
     ),
 }
 
-#: Cache classes that can, and the family that serves them.
+#: Cache classes that can, and their family (``redis.py`` serves the first two).
 _SUPPORTED = {
     "django.core.cache.backends.redis.RedisCache": "redis",
     "django_redis.cache.RedisCache": "django-redis",
@@ -92,9 +89,10 @@ _DEFAULT_ADVICE = (
 class CacheSupport:
     """Whether a cache alias can hold leases, found from the settings alone (no network).
 
-    ``kind`` is the cache family (one of :data:`FAMILIES`) when it can; otherwise
-    ``reason`` says which :class:`CacheProblem` rules it out and ``problem`` says it in a
-    sentence that names the alias and its class.
+    ``kind`` is the cache family (``redis``, ``django-redis``, ``database`` or ``memcached``)
+    when it can; otherwise ``reason`` says which :class:`CacheProblem` rules it out and
+    ``problem`` says it in a sentence that names the alias and its class. ``backend`` is the
+    path of the cache class.
     """
 
     alias: str
