@@ -43,7 +43,7 @@ class Cells:
     def read_many(self, cells: Sequence[str]) -> dict[str, tuple[str, Any]]:
         return {c: self.data[c] for c in cells if c in self.data}
 
-    def create(self, cell: str, value: str, keep: float) -> bool:
+    def create(self, cell: str, value: str, keep: float, *, listed: bool = True) -> bool:
         self._before_write()
         if cell in self.data:
             self.refused += 1

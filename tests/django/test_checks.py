@@ -9,7 +9,8 @@ from django.core.management.base import SystemCheckError
 from django.test import override_settings
 
 from celery_exclusive import ConfigurationError, connect
-from celery_exclusive.contrib.django.checks import check_store
+from celery_exclusive.backends.django_cache import CacheProblem, DjangoCacheBackend, inspect_cache
+from celery_exclusive.contrib.django.checks import CACHE_CHECKS, check_store
 
 # Every server below is unreachable (port 1): the checks must pass or fail without asking.
 NOWHERE_REDIS = "redis://127.0.0.1:1/0"
@@ -140,6 +141,51 @@ def test_connect_to_an_unreachable_cache_does_not_connect_yet() -> None:
             store.close()
 
 
+def test_every_problem_the_backend_finds_has_a_check() -> None:
+    assert set(CACHE_CHECKS) == set(CacheProblem)
+
+
+@pytest.mark.parametrize(
+    ("alias", "reason"),
+    [
+        ("locmem", CacheProblem.NOT_SHARED),
+        ("dummy", CacheProblem.STORES_NOTHING),
+        ("file", CacheProblem.NOT_ATOMIC),
+        ("pylibmc", CacheProblem.NO_CAS),
+        ("shards", CacheProblem.SHARDED),
+        ("no-such-alias", CacheProblem.NO_ALIAS),
+    ],
+)
+def test_the_backend_reports_facts_and_knows_no_setting_of_the_app(
+    alias: str, reason: CacheProblem
+) -> None:
+    with override_settings(CACHES={**settings.CACHES, **CACHES}):
+        support = inspect_cache(alias)
+        assert (support.supported, support.reason) == (False, reason)
+        with pytest.raises(ConfigurationError) as info:
+            connect(f"django-cache://{alias}")
+    assert support.problem in str(info.value)
+    assert "CELERY_EXCLUSIVE" not in str(info.value)
+
+
+def test_a_keyword_option_wins_over_the_url_query(prefix: str) -> None:
+    # Given a URL whose query names one prefix and poll, and keywords naming others
+    store = connect(f"django-cache://db?prefix={prefix}-query&poll=5", prefix=prefix, poll=0.05)
+    try:
+        assert isinstance(store.backend, DjangoCacheBackend)
+        assert store.backend.poll == 0.05
+        # When a lease is taken
+        with store.lease("job"):
+            # Then it lives under the keyword's prefix
+            plain = connect("django-cache://db", prefix=prefix)
+            try:
+                assert len(plain.holders("job")) == 1
+            finally:
+                plain.close()
+    finally:
+        store.close()
+
+
 def test_django_cache_url_parameters_are_checked() -> None:
     with pytest.raises(ConfigurationError, match="unknown django-cache"):
         connect("django-cache://db?timeout=3")
@@ -147,6 +193,24 @@ def test_django_cache_url_parameters_are_checked() -> None:
         connect("django-cache://db?poll=0")
     with pytest.raises(ConfigurationError, match="name a cache alias"):
         connect("django-cache://")
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "name"),
+    [
+        ("django-cache://db", {"poll": -1}, "poll"),
+        ("django-cache://db?poll=0.5", {"fence_retention": "soon"}, "fence_retention"),
+        ("django-cache://db?prefix=a{b}", {}, "prefix"),
+        ("django-cache://db", {"prefix": ""}, "prefix"),
+        ("django-cache://db", {"timeout": 3}, "timeout"),
+    ],
+)
+def test_a_bad_option_names_itself_and_the_url(
+    url: str, options: dict[str, object], name: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=name) as info:
+        connect(url, **options)
+    assert "django-cache://db" in str(info.value)
 
 
 # -- every bad CELERY_EXCLUSIVE_* value is an error of manage.py check, not of the first task

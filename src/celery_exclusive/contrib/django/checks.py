@@ -29,7 +29,8 @@ from typing import Any
 
 from django.core import checks
 
-from ...backends.django_cache import inspect_cache
+from ...backends.django_cache import CacheProblem, inspect_cache
+from ...backends.django_cache import parse_url as parse_cache_url
 from ...config import check_lookup
 from ...exceptions import ConfigurationError
 from ...store import SCHEMES, validate_url
@@ -53,6 +54,28 @@ _STORE_HINT = (
     "or Memcached cache alias, or CELERY_EXCLUSIVE_DATABASE to a PostgreSQL or SQLite "
     "DATABASES alias."
 )
+
+_CACHE_HINT = (
+    "Point CELERY_EXCLUSIVE_CACHE at a Redis, database or Memcached (PyMemcacheCache) cache "
+    "that every web and worker process shares, or set CELERY_EXCLUSIVE_URL to a store URL "
+    "(redis://..., postgresql://...)."
+)
+
+#: The check (id and hint) of each reason the backend finds a cache unable to hold leases.
+CACHE_CHECKS: dict[CacheProblem, tuple[str, str]] = {
+    CacheProblem.NOT_SHARED: ("E001", _CACHE_HINT),
+    CacheProblem.STORES_NOTHING: ("E001", _CACHE_HINT),
+    CacheProblem.NOT_ATOMIC: ("E001", _CACHE_HINT),
+    CacheProblem.NO_CAS: ("E003", _CACHE_HINT),
+    CacheProblem.UNKNOWN_CLASS: ("E003", _CACHE_HINT),
+    CacheProblem.NO_ALIAS: ("E003", "Name an alias of settings.CACHES in CELERY_EXCLUSIVE_CACHE."),
+    CacheProblem.NOT_IMPORTABLE: ("E003", "Install the cache's package, or fix settings.CACHES."),
+    CacheProblem.SHARDED: (
+        "E003",
+        "Set CELERY_EXCLUSIVE_URL to one Redis (redis://...) or a Redis Cluster "
+        "(redis+cluster://...) instead.",
+    ),
+}
 
 _VALUE_HINT = (
     "See the task options in docs/celery.md; numbers may be given as numbers or as text "
@@ -87,6 +110,11 @@ def check_store(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
         return [_error("E004", f"Invalid celery-exclusive setting: {exc}", _STORE_HINT)]
     if not settings.enabled:
         return []
+    return _check_database(database, url) or _check_url(url, alias)
+
+
+def _check_database(database: str | None, url: Any) -> list[checks.CheckMessage]:
+    """E005 when the store on ``CELERY_EXCLUSIVE_DATABASE`` is PostgreSQL without psycopg 3."""
     if (
         database is not None
         and isinstance(url, str)
@@ -101,6 +129,11 @@ def check_store(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
                 "pip install 'celery-exclusive[postgres]'",
             )
         ]
+    return []
+
+
+def _check_url(url: Any, alias: str | None) -> list[checks.CheckMessage]:
+    """Check the store URL the settings name (``alias``: ``CELERY_EXCLUSIVE_CACHE``, if set)."""
     if url is None:
         return [
             _error(
@@ -113,7 +146,7 @@ def check_store(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
         ]
     if not isinstance(url, str):
         return []  # a client object: nothing to look at without connecting
-    scheme, sep, rest = url.partition("://")
+    scheme, sep, _ = url.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in KNOWN_SCHEMES:
         shown = f"{scheme}://" if sep else repr(url[:40])
@@ -138,22 +171,29 @@ def check_store(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMess
     except ConfigurationError as exc:
         return [_error("E004", f"CELERY_EXCLUSIVE_URL: {exc}", _STORE_HINT)]
     if scheme == "django-cache":
-        cache = alias or rest.partition("?")[0].strip("/")
-        support = inspect_cache(cache)
-        if not support.supported:
-            setting = "CELERY_EXCLUSIVE_CACHE" if alias else "CELERY_EXCLUSIVE_URL"
-            return [_error(support.check_id, f"{setting}: {support.problem}", support.hint)]
-        if support.kind == "database" and cache == "default":
-            return [
-                checks.Warning(
-                    "Leases are in the 'default' database cache. When the site's own cache "
-                    "entries push its table past MAX_ENTRIES, Django culls rows by key order, "
-                    "and a culled live lease can be granted twice.",
-                    hint="Give the leases a cache alias of their own (its own LOCATION table), "
-                    "which nothing else writes to; see docs/django.md.",
-                    id="celery_exclusive.W002",
-                )
-            ]
+        return _check_cache(alias, url)
+    return []
+
+
+def _check_cache(alias: str | None, url: str) -> list[checks.CheckMessage]:
+    """Turn what the backend finds about the store's cache into a check, or none."""
+    setting = "CELERY_EXCLUSIVE_CACHE" if alias else "CELERY_EXCLUSIVE_URL"
+    cache = alias or parse_cache_url(url)[0]
+    support = inspect_cache(cache)
+    if support.reason is not None:
+        check_id, hint = CACHE_CHECKS[support.reason]
+        return [_error(check_id, f"{setting}: {support.problem}", hint)]
+    if support.kind == "database" and cache == "default":
+        return [
+            checks.Warning(
+                "Leases are in the 'default' database cache. When the site's own cache "
+                "entries push its table past MAX_ENTRIES, Django culls rows by key order, "
+                "and a culled live lease can be granted twice.",
+                hint="Give the leases a cache alias of their own (its own LOCATION table), "
+                "which nothing else writes to; see docs/django.md.",
+                id="celery_exclusive.W002",
+            )
+        ]
     return []
 
 
