@@ -1,12 +1,11 @@
 """Library bugs the model test found, each as a small deterministic test that fails until fixed.
 
 The Django database cache (``DjangoCacheBackend`` over ``DatabaseCells``) opens one database
-connection per thread (``PerThread.use``, ``backends/django_cache/connections.py``) and closes
-them only in ``Store.close()``: a thread that used the store and then ended leaves its connection open, held
-by the backend's slot list, for the life of the store. A process whose threads come and go
+connection per thread (``PerThread.use``, ``backends/django_cache/connections.py``) and closes them
+only in ``Store.close()``: a thread that used the store and then ended leaves its connection open,
+held by the backend's slot list, for the life of the store. A process whose threads come and go
 (Django's threaded runserver, a thread per blocking acquire, the model test's waiters) runs the
-database out of connections ("FATAL: sorry, too many clients already").
-"""
+database out of connections ("FATAL: sorry, too many clients already")."""
 
 from __future__ import annotations
 
