@@ -42,6 +42,32 @@ def test_list_show_release(redis_url: str, prefix: str) -> None:
     assert code == 1 and "free" in text
 
 
+def test_the_environment_names_the_store_and_its_prefix_and_options_win(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a lease held under this test's prefix, and an environment that names both
+    store = connect(redis_url, prefix=prefix)
+    lease = store.lease("env-named", meta={"task_id": "t-env"})
+    assert lease.acquire()
+    monkeypatch.setenv("CELERY_EXCLUSIVE_URL", redis_url)
+    monkeypatch.setenv("CELERY_EXCLUSIVE_PREFIX", prefix)
+    # When the script lists with no --url and no --prefix, it finds the lease
+    code, text = run("list", "--json")
+    assert code == 0 and [r["task_id"] for r in json.loads(text)] == ["t-env"]
+    # and a --prefix given wins over the environment's
+    code, text = run("list", "--json", "--prefix", f"{prefix}-other")
+    assert code == 0 and json.loads(text) == []
+    lease.release()
+
+
+def test_a_bad_setting_in_the_environment_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CELERY_EXCLUSIVE_PREFIX", "{tagged}")
+    assert run("list", "--url", "memory://")[0] == 1
+    assert "CELERY_EXCLUSIVE_PREFIX" in capsys.readouterr().err
+
+
 def test_missing_store_is_a_clear_error(capsys: object) -> None:
     env = dict(os.environ)
     env.pop("CELERY_EXCLUSIVE_URL", None)
