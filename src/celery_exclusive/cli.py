@@ -231,18 +231,27 @@ _JSON = Argument("--json", "print JSON for scripts", "as_json", flag=True)
 STORE_COMMANDS: tuple[StoreCommand, ...] = (
     StoreCommand("list", "list held leases", (_MATCH, _JSON), list_leases, ""),
     StoreCommand(
-        "show", "show the holders of one key", (_KEY, _JSON), show_lease,
+        "show",
+        "show the holders of one key",
+        (_KEY, _JSON),
+        show_lease,
         "no lease is held on {key!r}",
     ),
     StoreCommand(
-        "release", "force-release a key (its holder will see it lost)", (_KEY, _TOKEN, _JSON),
-        release_lease, "nothing was held on {key!r}",
+        "release",
+        "force-release a key (its holder will see it lost)",
+        (_KEY, _TOKEN, _JSON),
+        release_lease,
+        "nothing was held on {key!r}",
     ),
     StoreCommand(
-        "stats", "leases per task, waiters, lost leases, store health and round trip",
-        (_MATCH, _JSON), show_stats, "the store could not be reached",
+        "stats",
+        "leases per task, waiters, lost leases, store health and round trip",
+        (_MATCH, _JSON),
+        show_stats,
+        "the store could not be reached",
     ),
-)  # fmt: skip
+)
 
 
 def add_store_commands(

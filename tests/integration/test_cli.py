@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -112,3 +113,20 @@ def test_help_is_plain_text_without_rest_markup(capsys: pytest.CaptureFixture[st
         shown = capsys.readouterr().out
         assert "``" not in shown, shown
         assert "usage: celery-exclusive" in shown
+
+
+def test_the_script_and_the_celery_command_take_the_same_arguments() -> None:
+    from celery_exclusive.celery.cli import exclusive
+    from celery_exclusive.cli import STORE_COMMANDS, build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    script = sub.choices
+    assert set(exclusive.commands) == {c.name for c in STORE_COMMANDS}
+    for command in STORE_COMMANDS:
+        options = {
+            flag
+            for action in script[command.name]._actions
+            for flag in action.option_strings or [action.dest]
+        } - {"-h", "--help", "--url", "--prefix"}
+        clicked = {opt for param in exclusive.commands[command.name].params for opt in param.opts}
+        assert options == clicked, command.name
