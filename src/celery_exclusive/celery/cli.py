@@ -38,7 +38,7 @@ def _click_command(command: StoreCommand) -> click.Command:
             )
 
     @click.pass_context
-    def run(ctx: click.Context, **values: Any) -> None:
+    def run(ctx: click.Context, /, **values: Any) -> None:
         try:
             code = command.call(store_for(ctx.obj.app), values, sys.stdout)
         except ExclusiveError as exc:
