@@ -1,6 +1,13 @@
 """``celery-exclusive``: list, show and release leases, sum them up (stats); run the demo.
 
-The store comes from ``--url``, else ``$CELERY_EXCLUSIVE_URL``. Tables for people, ``--json``
+The store commands (list, show, release, stats) are defined once, in :data:`STORE_COMMANDS`:
+their names, help, arguments, the function that runs each, and what its failure means. This
+script, ``celery -A proj exclusive`` (:mod:`celery_exclusive.celery.cli`, click) and
+``manage.py exclusive`` (the Django command) are all built from that table.
+
+The script's store comes from ``--url``, else ``$CELERY_EXCLUSIVE_URL``; its key prefix from
+``--prefix``, else ``$CELERY_EXCLUSIVE_PREFIX``, else the URL's ``?prefix=`` or the store's own
+default (:meth:`celery_exclusive.config.Settings.from_env`). Tables for people, ``--json``
 for scripts. Exit codes: 0 ok, 1 a check or lookup failed (or the store is unreachable, for
 ``stats``), 2 bad usage.
 """
@@ -9,25 +16,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from . import __version__, connect
 from .backends.base import LeaseInfo
+from .config import Settings
 from .exceptions import ExclusiveError
 
-__all__ = ["main"]
+__all__ = ["STORE_COMMANDS", "Argument", "StoreCommand", "add_store_commands", "main"]
 
 
 def _store(args: argparse.Namespace) -> Any:
-    url = args.url or os.environ.get("CELERY_EXCLUSIVE_URL")
-    if not url:
+    settings = Settings.from_env().merged(url=args.url, prefix=args.prefix)
+    if not settings.url:
         raise ExclusiveError("no store: pass --url redis://... or set CELERY_EXCLUSIVE_URL")
-    options = {"prefix": args.prefix} if args.prefix else {}
-    return connect(url, **options)
+    return connect(settings.url, **settings.store_options())
 
 
 def _rows(infos: Sequence[LeaseInfo], *, tokens: bool = True) -> list[dict[str, Any]]:
@@ -157,22 +164,6 @@ def _ago(now: float, at: float | None) -> str:
     return f"{seconds:.0f}s ago"
 
 
-def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
-    return list_leases(_store(args), match=args.match, as_json=args.json, out=out)
-
-
-def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
-    return show_lease(_store(args), args.key, as_json=args.json, out=out)
-
-
-def cmd_release(args: argparse.Namespace, out: TextIO) -> int:
-    return release_lease(_store(args), args.key, token=args.token, as_json=args.json, out=out)
-
-
-def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
-    return show_stats(_store(args), match=args.match, as_json=args.json, out=out)
-
-
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     from .demo.celery_demo import run
 
@@ -185,42 +176,135 @@ def cmd_demo_leases(args: argparse.Namespace, out: TextIO) -> int:
     return run(args.redis, workers=args.workers, duration=args.duration, ttl=args.ttl, out=out)
 
 
+# -- the store commands, defined once -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Argument:
+    """One argument of a store command.
+
+    ``name`` is ``key`` for a positional argument, ``--match`` for an option; ``dest`` is the
+    keyword it is passed to the command's function as; ``flag``: an option without a value.
+    """
+
+    name: str
+    help: str
+    dest: str
+    flag: bool = False
+
+    @property
+    def positional(self) -> bool:
+        """Whether the argument is given without an option name."""
+        return not self.name.startswith("-")
+
+
+@dataclass(frozen=True)
+class StoreCommand:
+    """A command on a store: its name, help, arguments, function, and failure message.
+
+    ``run(store, out=..., **arguments)`` prints to ``out`` and returns the exit code.
+    ``failure`` says what a non-zero code means, formatted with the arguments (the Django
+    command raises it as its ``CommandError``).
+    """
+
+    name: str
+    help: str
+    arguments: tuple[Argument, ...]
+    run: Callable[..., int]
+    failure: str
+
+    def call(self, store: Any, values: Mapping[str, Any], out: TextIO) -> int:
+        """Run the command on ``store``, its arguments taken from ``values``; return the code."""
+        return self.run(store, out=out, **{a.dest: values.get(a.dest) for a in self.arguments})
+
+    def failure_message(self, values: Mapping[str, Any]) -> str:
+        """What the command's non-zero exit code means, for these arguments."""
+        return self.failure.format(**{a.dest: values.get(a.dest) for a in self.arguments})
+
+
+_KEY = Argument("key", "the lease's key", "key")
+_MATCH = Argument("--match", "only keys matching this glob", "match")
+_TOKEN = Argument("--token", "release only this holder", "token")
+_JSON = Argument("--json", "print JSON for scripts", "as_json", flag=True)
+
+#: The store commands of the script, ``celery -A proj exclusive`` and ``manage.py exclusive``.
+STORE_COMMANDS: tuple[StoreCommand, ...] = (
+    StoreCommand("list", "list held leases", (_MATCH, _JSON), list_leases, ""),
+    StoreCommand(
+        "show",
+        "show the holders of one key",
+        (_KEY, _JSON),
+        show_lease,
+        "no lease is held on {key!r}",
+    ),
+    StoreCommand(
+        "release",
+        "force-release a key (its holder will see it lost)",
+        (_KEY, _TOKEN, _JSON),
+        release_lease,
+        "nothing was held on {key!r}",
+    ),
+    StoreCommand(
+        "stats",
+        "leases per task, waiters, lost leases, store health and round trip",
+        (_MATCH, _JSON),
+        show_stats,
+        "the store could not be reached",
+    ),
+)
+
+
+def add_store_commands(
+    subparsers: Any, *, extra: Callable[[argparse.ArgumentParser], object] | None = None
+) -> list[tuple[StoreCommand, argparse.ArgumentParser]]:
+    """Add a parser per store command to argparse ``subparsers``; return each with its parser.
+
+    ``extra(parser)`` adds the options an entry point adds to each (the script's ``--url``).
+    """
+    parsers = []
+    for command in STORE_COMMANDS:
+        parser = subparsers.add_parser(command.name, help=command.help)
+        if extra is not None:
+            extra(parser)
+        for argument in command.arguments:
+            if argument.positional:
+                parser.add_argument(argument.dest, help=argument.help)
+            elif argument.flag:
+                parser.add_argument(
+                    argument.name, dest=argument.dest, action="store_true", help=argument.help
+                )
+            else:
+                parser.add_argument(argument.name, dest=argument.dest, help=argument.help)
+        parsers.append((command, parser))
+    return parsers
+
+
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="store URL (default: $CELERY_EXCLUSIVE_URL)")
+    parser.add_argument(
+        "--prefix",
+        help="key prefix (default: $CELERY_EXCLUSIVE_PREFIX, else the URL's ?prefix=, "
+        "else the store's own)",
+    )
+
+
+def _run_store_command(command: StoreCommand) -> Callable[[argparse.Namespace, TextIO], int]:
+    def run(args: argparse.Namespace, out: TextIO) -> int:
+        return command.call(_store(args), vars(args), out)
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser (shared by the Django management command)."""
+    """Build the script's argument parser: the store commands and the demos."""
     parser = argparse.ArgumentParser(
         prog="celery-exclusive",
         description="List, show and release leases, sum them up per task; run the demo.",
     )
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def store_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", help="store URL (default: $CELERY_EXCLUSIVE_URL)")
-        p.add_argument("--prefix", help="key prefix (default: exclusive)")
-        p.add_argument("--json", action="store_true", help="print JSON for scripts")
-
-    p = sub.add_parser("list", help="list held leases")
-    store_options(p)
-    p.add_argument("--match", help="only keys matching this glob")
-    p.set_defaults(func=cmd_list)
-
-    p = sub.add_parser("show", help="show the holders of one key")
-    store_options(p)
-    p.add_argument("key")
-    p.set_defaults(func=cmd_show)
-
-    p = sub.add_parser("release", help="force-release a key (its holder will see it lost)")
-    store_options(p)
-    p.add_argument("key")
-    p.add_argument("--token", help="release only this holder")
-    p.set_defaults(func=cmd_release)
-
-    p = sub.add_parser(
-        "stats", help="leases per task, waiters, lost leases, store health and round trip"
-    )
-    store_options(p)
-    p.add_argument("--match", help="only keys matching this glob")
-    p.set_defaults(func=cmd_stats)
+    for command, p in add_store_commands(sub, extra=_store_options):
+        p.set_defaults(func=_run_store_command(command))
 
     p = sub.add_parser(
         "demo", help="the Celery demo: real workers, duplicate bursts, a worker killed mid-task"

@@ -1,9 +1,15 @@
-"""Settings: one frozen dataclass, built by one adapter per entry point.
+"""Settings: one frozen dataclass, built by one adapter per entry point; the store they name.
 
-Explicit arguments win over settings, settings over the environment. The Celery adapter reads
-``app.conf.exclusive_*`` (which Django's ``namespace="CELERY"`` fills from ``CELERY_EXCLUSIVE_*``
-settings); the CLI reads ``CELERY_EXCLUSIVE_*`` environment variables. Nothing here touches the
-network.
+Explicit arguments win over settings, settings over the environment. The adapters: the Celery
+app's ``app.conf.exclusive_*`` (:mod:`celery_exclusive.celery.config`; Django's
+``namespace="CELERY"`` fills it from ``CELERY_EXCLUSIVE_*`` settings), Django's settings
+(:mod:`celery_exclusive.contrib.django.conf`), and ``CELERY_EXCLUSIVE_*`` environment variables
+(:meth:`Settings.from_env`, for the ``celery-exclusive`` command, whose ``--url`` and
+``--prefix`` win over them through :meth:`Settings.merged`).
+
+When the settings name no store, a Celery app (and so a Django project) falls back on its
+result backend, else its broker, when that is a Redis server: :func:`celery_fallback_url`, the
+one place this rule lives. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 from .exceptions import ConfigurationError
 
-__all__ = ["Settings", "check_lookup"]
+__all__ = ["Settings", "celery_fallback_url", "check_lookup"]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -28,8 +34,9 @@ class Settings:
     """Library-wide settings.
 
     ``url``: the store (``redis://...``, or a redis-py client); None means "find one" (the
-    Celery adapter then tries the result backend and the broker). ``prefix``: the first part
-    of every store key.
+    Celery adapter then tries the result backend and the broker: :func:`celery_fallback_url`).
+    ``prefix``: the first part of every store key; None (not set) leaves it to the URL's
+    ``?prefix=``, else the store's own default (see :meth:`store_options`).
     ``enabled``: False turns every lock off (for test suites that want none).
     ``queue_ttl``: how long an enqueue lease waits for its task to start (plus any
     countdown/ETA), since nobody can renew a lease for a message sitting in a queue.
@@ -37,7 +44,7 @@ class Settings:
     """
 
     url: str | Any = None
-    prefix: str = "exclusive"
+    prefix: str | None = None
     enabled: bool = True
     queue_ttl: float = 3600.0
     task_defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -45,9 +52,15 @@ class Settings:
     def __post_init__(self) -> None:
         if isinstance(self.url, (bytes, int, float)):
             raise ConfigurationError(f"exclusive url must be a str, not {type(self.url).__name__}")
-        if not isinstance(self.prefix, str) or not self.prefix or "{" in self.prefix:
+        if self.prefix is not None and (
+            not isinstance(self.prefix, str) or not self.prefix or "{" in self.prefix
+        ):
             raise ConfigurationError(
                 f"exclusive prefix must be a non-empty str, not {self.prefix!r}"
+            )
+        if not isinstance(self.enabled, bool):
+            raise ConfigurationError(
+                f"exclusive enabled must be true or false, not {self.enabled!r}"
             )
         q = self.queue_ttl
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or q <= 0:
@@ -74,13 +87,43 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``CELERY_EXCLUSIVE_*`` environment variables."""
+        """Build settings from ``CELERY_EXCLUSIVE_*`` environment variables (numbers as text)."""
         env = os.environ if environ is None else environ
         return cls.from_lookup(lambda name: env.get(name.upper()), prefix="CELERY_EXCLUSIVE_")
 
     def merged(self, **overrides: Any) -> Settings:
-        """Return a copy with ``overrides`` (None values ignored) applied."""
+        """Return a copy with ``overrides`` applied: explicit arguments over these settings.
+
+        A None override is "not given" and keeps the setting. The result is checked as any
+        :class:`Settings` is.
+        """
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def store_options(self) -> dict[str, Any]:
+        """The keyword options of :func:`~celery_exclusive.connect` for the store: the ones set.
+
+        A keyword option wins over the same option in the URL's query, so an option the user
+        did not set is left out (a default passed here would hide ``?prefix=`` in the URL).
+        """
+        return {} if self.prefix is None else {"prefix": self.prefix}
+
+
+def celery_fallback_url(result_backend: object, broker_url: object) -> str | None:
+    """Return the store a Celery app uses when its settings name none, or None.
+
+    Its result backend, else its broker, when that URL names a store that may stand in for
+    the lock store (Redis, per the registry of stores: not kombu's ``memory://``). Of a list
+    of URLs (``sentinel://a;sentinel://b``, as Celery takes them) the first is used. Both the
+    Celery app (``result_backend``, ``broker_url``) and a Django project
+    (``CELERY_RESULT_BACKEND``, ``CELERY_BROKER_URL``) decide here.
+    """
+    from .backends.registry import STORE_TYPES
+
+    schemes = tuple(f"{s}://" for kind in STORE_TYPES if kind.celery_fallback for s in kind.schemes)
+    for value in (result_backend, broker_url):
+        if isinstance(value, str) and value.lower().startswith(schemes):
+            return value.split(";")[0]
+    return None
 
 
 def check_lookup(get: Callable[[str], Any], *, prefix: str = "exclusive_") -> list[str]:
@@ -192,6 +235,7 @@ def _check_option(name: str, value: Any) -> None:
 
 
 def _coerce(name: str, value: Any) -> Any:
+    """Read a setting given as text (the environment's only kind), or ``enabled`` as 0/1."""
     if name == "enabled" and isinstance(value, str):
         lowered = value.strip().lower()
         if lowered in _TRUE:
@@ -199,6 +243,8 @@ def _coerce(name: str, value: Any) -> Any:
         if lowered in _FALSE:
             return False
         raise ConfigurationError(f"exclusive enabled must be true or false, not {value!r}")
+    if name == "enabled" and type(value) is int and value in (0, 1):
+        return bool(value)
     if name == "queue_ttl" and isinstance(value, str):
         try:
             return float(value)

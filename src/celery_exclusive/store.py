@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import math
 import re
-import sys
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from . import forking
-from .backends.base import Backend, Holder, LeaseInfo, redact_url
+from .backends import registry
+from .backends.base import Backend, Holder, LeaseInfo
 from .exceptions import ConfigurationError
 from .lease import Lease
 from .renewal import Renewer, get_renewer
@@ -35,19 +33,8 @@ DEFAULT_TTL = 30.0
 MAX_KEY_LENGTH = 512
 _BAD_KEY = re.compile(r"[\s{}\x00-\x1f\x7f]")
 
-_REDIS_SCHEMES = (
-    "redis", "rediss", "unix", "valkey", "valkeys",
-    "redis+sentinel", "rediss+sentinel", "sentinel",
-    "redis+cluster", "rediss+cluster",
-)  # fmt: skip
-#: Every URL scheme :func:`connect` accepts.
-SCHEMES: tuple[str, ...] = (
-    *_REDIS_SCHEMES, "postgresql", "postgres", "sqlite", "django-cache", "memory",
-)  # fmt: skip
-
-_memory_stores: dict[str, Backend] = {}
-_memory_lock = threading.Lock()
-forking.replace_after_fork(sys.modules[__name__], "_memory_lock", threading.Lock)
+#: Every URL scheme :func:`connect` accepts (the registry of stores lists them).
+SCHEMES: tuple[str, ...] = registry.SCHEMES
 
 
 def validate_key(key: object) -> str:
@@ -201,41 +188,15 @@ def connect(url: str | Any, *, default_ttl: float = DEFAULT_TTL, **options: Any)
     """Return a :class:`Store` for ``url`` (see the module docs for the schemes).
 
     ``url`` may also be a redis-py client. Extra ``options`` go to the backend (for Redis:
-    the ``prefix`` of every key, and redis-py connection options).
+    the ``prefix`` of every key, and redis-py connection options); a keyword option wins over
+    the same option in the URL's query. A store whose driver is not installed raises
+    :class:`ConfigurationError` naming the extra to install.
     """
     if isinstance(url, Backend):
         return Store(url, default_ttl=default_ttl)
     if not isinstance(url, str):
-        return Store(_backend_for_client(url, options), default_ttl=default_ttl)
-    scheme, rest = _scheme(url)
-    if scheme == "memory":
-        from .backends.memory import MemoryBackend
-
-        name = rest.strip("/")
-        with _memory_lock:
-            backend = _memory_stores.get(name) if name else None
-            if backend is None:
-                backend = MemoryBackend(name=name)
-                if name:
-                    _memory_stores[name] = backend
-        return Store(backend, default_ttl=default_ttl)
-    if scheme in _REDIS_SCHEMES:
-        from .backends.redis import RedisBackend
-
-        if scheme.startswith("valkey"):
-            url = "redis" + url[len("valkey") :]
-        return Store(RedisBackend.from_url(url, **options), default_ttl=default_ttl)
-    if scheme in {"postgresql", "postgres"}:
-        from .backends.sql import PostgresBackend
-
-        return Store(PostgresBackend.from_url(url, **options), default_ttl=default_ttl)
-    if scheme == "sqlite":
-        from .backends.sql import SQLiteBackend
-
-        return Store(SQLiteBackend.from_url(url, **options), default_ttl=default_ttl)
-    from .backends import django_cache
-
-    return Store(django_cache.from_url(url, **options), default_ttl=default_ttl)
+        return Store(registry.backend_for_client(url, **options), default_ttl=default_ttl)
+    return Store(registry.backend_for(url, **options), default_ttl=default_ttl)
 
 
 def validate_url(url: str) -> None:
@@ -248,48 +209,4 @@ def validate_url(url: str) -> None:
     """
     if not isinstance(url, str):
         raise ConfigurationError(f"a store URL must be a str, not {type(url).__name__}")
-    scheme, _ = _scheme(url)
-    if scheme in _REDIS_SCHEMES:
-        from .backends.redis import parse_url
-
-        parse_url(url)
-    elif scheme in {"postgresql", "postgres"}:
-        from .backends.sql import PostgresBackend
-
-        PostgresBackend.from_url(url)  # parses with libpq's parser; connects lazily
-    elif scheme == "sqlite":
-        from .backends.sql import SQLiteBackend
-
-        SQLiteBackend.from_url(url)  # opens the file lazily
-    elif scheme == "django-cache":
-        from .backends.django_cache import parse_url as parse_cache_url
-
-        parse_cache_url(url)
-
-
-def _scheme(url: str) -> tuple[str, str]:
-    """Return the (lower-case) scheme of a store URL and the rest; refuse unknown ones."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or not scheme:
-        raise ConfigurationError(
-            f"not a store URL: {redact_url(url)!r}; expected e.g. redis://localhost:6379/0 "
-            "or memory://"
-        )
-    scheme = scheme.lower()
-    if scheme not in SCHEMES:
-        raise ConfigurationError(
-            f"unknown store scheme {scheme!r} in {redact_url(url)!r}; "
-            f"supported: {', '.join(SCHEMES)}"
-        )
-    return scheme, rest
-
-
-def _backend_for_client(client: Any, options: dict[str, Any]) -> Backend:
-    module = type(client).__module__
-    if module.startswith(("redis", "valkey")):
-        from .backends.redis import RedisBackend
-
-        return RedisBackend(client, **options)
-    raise ConfigurationError(
-        f"connect() takes a URL or a redis-py client, not {type(client).__name__}"
-    )
+    registry.validate(url)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import override_settings
 
-from celery_exclusive import Store
+from celery_exclusive import Store, connect
 from celery_exclusive.contrib.django.conf import get_store
 
 KEY = "myapp.sync_customer:customer_id=42"
@@ -83,3 +84,20 @@ def test_a_store_error_is_a_command_error() -> None:
         pytest.raises(CommandError, match="unknown store scheme"),
     ):
         run("list")
+
+
+def test_the_store_urls_own_prefix_applies_when_no_prefix_is_set(tmp_path: Path) -> None:
+    # Given a lease held under the prefix that the store URL itself names
+    url = f"sqlite:///{tmp_path}/leases.db?prefix=from-url"
+    holder = connect(url)
+    lease = holder.lease(KEY)
+    assert lease.acquire()
+    # When the command lists the store of settings that name that URL and no prefix
+    with override_settings(
+        CELERY_EXCLUSIVE_CACHE=None, CELERY_EXCLUSIVE_URL=url, CELERY_EXCLUSIVE_PREFIX=None
+    ):
+        rows = json.loads(run("list", "--json"))
+    # Then it finds the lease: no default prefix was passed over the URL's
+    assert [r["key"] for r in rows] == [KEY]
+    lease.release()
+    holder.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -40,6 +41,32 @@ def test_list_show_release(redis_url: str, prefix: str) -> None:
     assert not lease.renew()  # the holder sees it lost
     code, text = run("show", "myapp.sync:customer_id=42", "--url", redis_url, "--prefix", prefix)
     assert code == 1 and "free" in text
+
+
+def test_the_environment_names_the_store_and_its_prefix_and_options_win(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a lease held under this test's prefix, and an environment that names both
+    store = connect(redis_url, prefix=prefix)
+    lease = store.lease("env-named", meta={"task_id": "t-env"})
+    assert lease.acquire()
+    monkeypatch.setenv("CELERY_EXCLUSIVE_URL", redis_url)
+    monkeypatch.setenv("CELERY_EXCLUSIVE_PREFIX", prefix)
+    # When the script lists with no --url and no --prefix, it finds the lease
+    code, text = run("list", "--json")
+    assert code == 0 and [r["task_id"] for r in json.loads(text)] == ["t-env"]
+    # and a --prefix given wins over the environment's
+    code, text = run("list", "--json", "--prefix", f"{prefix}-other")
+    assert code == 0 and json.loads(text) == []
+    lease.release()
+
+
+def test_a_bad_setting_in_the_environment_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CELERY_EXCLUSIVE_PREFIX", "{tagged}")
+    assert run("list", "--url", "memory://")[0] == 1
+    assert "CELERY_EXCLUSIVE_PREFIX" in capsys.readouterr().err
 
 
 def test_missing_store_is_a_clear_error(capsys: object) -> None:
@@ -86,3 +113,20 @@ def test_help_is_plain_text_without_rest_markup(capsys: pytest.CaptureFixture[st
         shown = capsys.readouterr().out
         assert "``" not in shown, shown
         assert "usage: celery-exclusive" in shown
+
+
+def test_the_script_and_the_celery_command_take_the_same_arguments() -> None:
+    from celery_exclusive.celery.cli import exclusive
+    from celery_exclusive.cli import STORE_COMMANDS, build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    script = sub.choices
+    assert set(exclusive.commands) == {c.name for c in STORE_COMMANDS}
+    for command in STORE_COMMANDS:
+        options = {
+            flag
+            for action in script[command.name]._actions
+            for flag in action.option_strings or [action.dest]
+        } - {"-h", "--help", "--url", "--prefix"}
+        clicked = {opt for param in exclusive.commands[command.name].params for opt in param.opts}
+        assert options == clicked, command.name

@@ -28,6 +28,8 @@ def lookup(**values: Any) -> Any:
         ({"exclusive_defaults": {"tll": 5}}, "exclusive_defaults"),
         ({"exclusive_defaults": "ttl=5"}, "exclusive_defaults"),
         ({"exclusive_prefix": ""}, "exclusive_prefix"),
+        ({"exclusive_enabled": 5}, "exclusive_enabled"),
+        ({"exclusive_enabled": "maybe"}, "exclusive_enabled"),
     ],
 )
 def test_a_bad_app_setting_fails_when_read_and_names_the_setting(
@@ -36,6 +38,11 @@ def test_a_bad_app_setting_fails_when_read_and_names_the_setting(
     with pytest.raises(ConfigurationError, match=setting):
         Settings.from_lookup(lookup(**values))
     assert [p for p in check_lookup(lookup(**values)) if setting in p]
+
+
+def test_enabled_reads_its_spellings() -> None:
+    for value, enabled in [("off", False), ("", False), ("Yes", True), (0, False), (True, True)]:
+        assert Settings.from_lookup(lookup(exclusive_enabled=value)).enabled is enabled
 
 
 def test_every_bad_setting_is_reported_at_once() -> None:
@@ -105,3 +112,74 @@ def test_abort_on_the_eventlet_pool_is_refused_at_worker_start(
     assert _pool_name(type("TaskPool", (), {"__module__": "celery.concurrency.eventlet"})) == (
         "eventlet"
     )
+
+
+def celery_app(**conf: Any) -> Any:
+    from celery import Celery
+
+    app = Celery("store-for", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.update(conf)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("query", "setting", "prefix"),
+    [
+        ("?prefix=from-url", None, "from-url"),  # no exclusive_prefix: the URL's applies
+        ("?prefix=from-url", "mine", "mine"),  # a setting is a keyword: it wins over the URL
+        ("", "mine", "mine"),
+        ("", None, None),  # neither: the store's own default
+    ],
+)
+def test_the_apps_store_gets_a_prefix_only_when_the_app_sets_one(
+    tmp_path: Any, query: str, setting: str | None, prefix: str | None
+) -> None:
+    from celery_exclusive import connect
+    from celery_exclusive.celery.config import reset, store_for
+
+    url = f"sqlite:///{tmp_path}/leases.db{query}"
+    app = celery_app(exclusive_url=url, exclusive_prefix=setting)
+    try:
+        store = store_for(app)
+        expected = connect(url).backend.prefix if prefix is None else prefix
+        assert store.backend.prefix == expected  # type: ignore[attr-defined]
+    finally:
+        reset(app)
+
+
+@pytest.mark.parametrize(
+    ("result_backend", "broker", "url"),
+    [
+        ("redis://r:6379/1", "redis://b:6379/0", "redis://r:6379/1"),  # the result backend first
+        ("rpc://", "redis://b:6379/0", "redis://b:6379/0"),
+        (
+            None,
+            "sentinel://s:26379/mymaster;sentinel://t:26379/mymaster",
+            "sentinel://s:26379/mymaster",
+        ),
+        ("rpc://", "amqp://guest@rabbit//", None),
+        (None, "memory://", None),  # kombu's in-process transport: not a shared store
+        ("db+postgresql://u@h/db", None, None),  # a result backend Celery reads, not ours
+        ("cache+memory://", 42, None),
+    ],
+)
+def test_a_celery_app_without_a_store_url_falls_back_on_its_redis_backend_or_broker(
+    result_backend: Any, broker: Any, url: str | None
+) -> None:
+    from celery_exclusive.celery.config import find_url
+    from celery_exclusive.config import celery_fallback_url
+
+    assert celery_fallback_url(result_backend, broker) == url
+    app = celery_app()
+    app.conf.result_backend, app.conf.broker_url = result_backend, broker
+    assert find_url(app) == url
+
+
+def test_the_cli_settings_read_the_environment_and_arguments_win() -> None:
+    env = {"CELERY_EXCLUSIVE_URL": "redis://env/0", "CELERY_EXCLUSIVE_PREFIX": "env"}
+    settings = Settings.from_env(env)
+    assert (settings.url, settings.prefix) == ("redis://env/0", "env")
+    assert settings.store_options() == {"prefix": "env"}
+    given = settings.merged(url="redis://arg/0", prefix=None)
+    assert (given.url, given.prefix) == ("redis://arg/0", "env")
+    assert Settings.from_env({}).store_options() == {}  # no prefix: the store's own default

@@ -265,3 +265,49 @@ def test_validate_url_refuses_what_connect_refuses(url: str) -> None:
 
     with pytest.raises(ConfigurationError):
         validate_url(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["reddis://:pw@[::1", "postgresql://u:pw@[::1/db", "sqlite://u:pw@[::1/x.db"]
+)
+def test_a_url_that_cannot_be_split_is_a_configuration_error_without_its_password(
+    url: str,
+) -> None:
+    from celery_exclusive.store import validate_url
+
+    for check in (connect, validate_url):
+        with pytest.raises(ConfigurationError) as info:
+            check(url)
+        assert "pw" not in str(info.value) and "[::1" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "driver", "extra"),
+    [
+        ("redis://127.0.0.1:1/0", "redis", "redis"),
+        ("postgresql://127.0.0.1:1/db", "psycopg", "postgres"),
+        ("django-cache://default", "django", "django"),
+    ],
+)
+def test_a_missing_driver_names_the_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch, url: str, driver: str, extra: str
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, driver, None)  # what `import driver` meets when it is absent
+    with pytest.raises(ConfigurationError, match=rf"pip install 'celery-exclusive\[{extra}\]'"):
+        connect(url)
+
+
+def test_every_scheme_names_one_store_and_its_url_is_shown_without_secrets() -> None:
+    from celery_exclusive.backends.registry import STORE_TYPES, redact, store_type
+    from celery_exclusive.store import SCHEMES
+
+    assert tuple(s for kind in STORE_TYPES for s in kind.schemes) == SCHEMES
+    assert len(set(SCHEMES)) == len(SCHEMES)
+    for scheme in SCHEMES:
+        assert scheme in store_type(f"{scheme}://h/0").schemes
+    assert redact("postgresql://u:pw@h:5432/db?password=pw2&sslmode=require") == (
+        "postgresql://u:***@h:5432/db"
+    )
+    assert redact(object()) == "object"  # a client, not a URL

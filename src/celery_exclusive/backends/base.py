@@ -319,8 +319,21 @@ class Backend(abc.ABC):
 
 
 def redact_url(url: str) -> str:
-    """``url`` for messages and listings: the password hidden, query and fragment dropped."""
-    parts = urlsplit(url)
+    """``url`` for messages and listings: the password hidden, query and fragment dropped.
+
+    The query goes because it may carry secrets too (libpq's ``password=``, redis-py's
+    ``password=``, ``sentinel_password=``). A URL that :func:`urllib.parse.urlsplit` refuses
+    (an unclosed IPv6 bracket) is cut by hand, so that a message about it can still be written.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        scheme, sep, rest = url.partition("://")
+        rest = rest.split("?", 1)[0].split("#", 1)[0]
+        user, at, host = rest.rpartition("@")
+        if at and ":" in user:
+            rest = f"{user.partition(':')[0]}:***@{host}"
+        return f"{scheme}{sep}{rest}"
     netloc = parts.netloc
     if parts.password is not None:
         netloc = netloc.replace(f":{parts.password}@", ":***@", 1)

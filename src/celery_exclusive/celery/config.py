@@ -1,8 +1,10 @@
 """Settings and store for a Celery app, one of each per app and process.
 
 The store URL is ``app.conf.exclusive_url``; else the result backend, else the broker, when
-either is Redis; else a :class:`ConfigurationError` that says how to configure it. There is no
-silent process-local fallback: a lock only one process can see protects nothing.
+either is Redis (:func:`celery_exclusive.config.celery_fallback_url`); else a
+:class:`ConfigurationError` that says how to configure it. There is no silent process-local
+fallback: a lock only one process can see protects nothing. ``exclusive_prefix`` is passed to
+the store only when set, so that a ``?prefix=`` in the URL applies otherwise.
 """
 
 from __future__ import annotations
@@ -11,13 +13,11 @@ import os
 import threading
 from typing import Any
 
-from ..config import Settings
+from ..config import Settings, celery_fallback_url
 from ..exceptions import ConfigurationError
 from ..store import Store, connect
 
 __all__ = ["find_url", "settings_for", "store_for"]
-
-_REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "sentinel://", "unix://")
 
 _lock = threading.Lock()
 _cache: dict[int, tuple[int, Any, Settings, Store | None]] = {}
@@ -41,7 +41,7 @@ def store_for(app: Any) -> Store:
             "broker. A process-local "
             "lock would protect one process only, so there is no default."
         )
-    store = connect(url, prefix=settings.prefix)
+    store = connect(url, **settings.store_options())
     with _lock:
         _cache[id(app)] = (pid, app, settings, store)
     return store
@@ -71,8 +71,4 @@ def _entry(app: Any) -> tuple[int, Any, Settings, Store | None]:
 
 def find_url(app: Any) -> str | None:
     """Return the store URL ``app`` falls back on: its Redis result backend, else broker."""
-    for name in ("result_backend", "broker_url"):
-        value = app.conf.get(name)
-        if isinstance(value, str) and value.startswith(_REDIS_SCHEMES):
-            return value.split(";")[0]
-    return None
+    return celery_fallback_url(app.conf.get("result_backend"), app.conf.get("broker_url"))

@@ -32,7 +32,8 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from ...config import Settings
+from ...backends.registry import redact
+from ...config import Settings, celery_fallback_url
 from ...exceptions import ConfigurationError
 from ...store import Store, connect
 
@@ -47,9 +48,6 @@ __all__ = [
     "reset",
     "store_url",
 ]
-
-#: Celery finds its store in a Redis result backend or broker when none is named.
-REDIS_SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "sentinel://", "unix://")
 
 #: Database ENGINEs whose database can hold the leases, by the SQL store they get.
 POSTGRES_ENGINES = frozenset(
@@ -102,7 +100,7 @@ class _BridgedURL(str):
     __slots__ = ()
 
     def __repr__(self) -> str:
-        return repr(_redact(str(self)))
+        return repr(redact(str(self)))
 
 
 def _lookup(name: str) -> Any:
@@ -157,7 +155,7 @@ def store_url(settings: Settings | None = None) -> Any:
         from_cache = f"django-cache://{alias}"
         if settings.url is not None and settings.url != from_cache:
             raise ConfigurationError(
-                f"CELERY_EXCLUSIVE_URL ({_redact(settings.url)}) and CELERY_EXCLUSIVE_CACHE "
+                f"CELERY_EXCLUSIVE_URL ({redact(settings.url)}) and CELERY_EXCLUSIVE_CACHE "
                 f"({alias!r}) name two stores; set only one"
             )
         return from_cache
@@ -169,17 +167,13 @@ def store_url(settings: Settings | None = None) -> Any:
                 same = False
             if not same:
                 raise ConfigurationError(
-                    f"CELERY_EXCLUSIVE_URL ({_redact(settings.url)}) and "
+                    f"CELERY_EXCLUSIVE_URL ({redact(settings.url)}) and "
                     f"CELERY_EXCLUSIVE_DATABASE ({database!r}) name two stores; set only one"
                 )
         return database_url(database)
     if settings.url is not None:
         return settings.url
-    for name in ("CELERY_RESULT_BACKEND", "CELERY_BROKER_URL"):
-        value = _lookup(name)
-        if isinstance(value, str) and value.startswith(REDIS_SCHEMES):
-            return value.split(";")[0]
-    return None
+    return celery_fallback_url(_lookup("CELERY_RESULT_BACKEND"), _lookup("CELERY_BROKER_URL"))
 
 
 # -- CELERY_EXCLUSIVE_DATABASE -----------------------------------------------------------------
@@ -318,7 +312,7 @@ def get_store() -> Store:
             "CELERY_EXCLUSIVE_DATABASE (a PostgreSQL or SQLite DATABASES alias) in your "
             "Django settings"
         )
-    store = connect(url, prefix=settings.prefix)
+    store = connect(url, **settings.store_options())
     with _lock:
         if _store is not None and _store[0] == pid:  # another thread was faster
             store.close()
@@ -385,10 +379,3 @@ def database_changed(sender: Any = None, connection: Any = None, **_: Any) -> No
     """
     if _bridged_alias is not None and getattr(connection, "alias", None) == _bridged_alias:
         bridge_settings()
-
-
-def _redact(url: Any) -> str:
-    if not isinstance(url, str):
-        return type(url).__name__
-    scheme, sep, rest = url.partition("://")
-    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url
