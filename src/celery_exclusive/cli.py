@@ -34,7 +34,7 @@ def _store(args: argparse.Namespace) -> Any:
     settings = Settings.from_env().merged(url=args.url, prefix=args.prefix)
     if not settings.url:
         raise ExclusiveError("no store: pass --url redis://... or set CELERY_EXCLUSIVE_URL")
-    return connect(settings.url, **settings.store_options())
+    return connect(settings.url, **settings.store_options(settings.url))
 
 
 def _rows(infos: Sequence[LeaseInfo], *, tokens: bool = True) -> list[dict[str, Any]]:

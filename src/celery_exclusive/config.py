@@ -21,9 +21,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from .backends.url_options import query_items
 from .exceptions import ConfigurationError
 
-__all__ = ["Settings", "celery_fallback_url", "check_lookup"]
+__all__ = ["DEFAULT_PREFIX", "Settings", "celery_fallback_url", "check_lookup"]
+
+#: The key prefix the Celery and Django integrations and the CLI use when neither their
+#: settings nor the store URL name one.
+DEFAULT_PREFIX = "exclusive"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -36,7 +41,7 @@ class Settings:
     ``url``: the store (``redis://...``, or a redis-py client); None means "find one" (the
     Celery adapter then tries the result backend and the broker: :func:`celery_fallback_url`).
     ``prefix``: the first part of every store key; None (not set) leaves it to the URL's
-    ``?prefix=``, else the store's own default (see :meth:`store_options`).
+    ``?prefix=``, else :data:`DEFAULT_PREFIX` (see :meth:`store_options`).
     ``enabled``: False turns every lock off (for test suites that want none).
     ``queue_ttl``: how long an enqueue lease waits for its task to start (plus any
     countdown/ETA), since nobody can renew a lease for a message sitting in a queue.
@@ -99,13 +104,20 @@ class Settings:
         """
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
-    def store_options(self) -> dict[str, Any]:
-        """The keyword options of :func:`~celery_exclusive.connect` for the store: the ones set.
+    def store_options(self, url: object) -> dict[str, Any]:
+        """The keyword options of :func:`~celery_exclusive.connect` for the store at ``url``.
 
-        A keyword option wins over the same option in the URL's query, so an option the user
-        did not set is left out (a default passed here would hide ``?prefix=`` in the URL).
+        A keyword option wins over the same option in the URL's query, so the prefix is
+        passed when the user set it, left out when the URL names one (``?prefix=``), and
+        otherwise is ``"exclusive"``: the prefix the integrations have always used, whatever
+        the store's own default (SQL stores have none), so that the keys of a running
+        project do not change. ``url`` may be a client object (no query: the default).
         """
-        return {} if self.prefix is None else {"prefix": self.prefix}
+        if self.prefix is not None:
+            return {"prefix": self.prefix}
+        if isinstance(url, str) and any(name == "prefix" for name, _ in query_items(url)):
+            return {}
+        return {"prefix": DEFAULT_PREFIX}
 
 
 def celery_fallback_url(result_backend: object, broker_url: object) -> str | None:

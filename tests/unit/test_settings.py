@@ -128,21 +128,22 @@ def celery_app(**conf: Any) -> Any:
         ("?prefix=from-url", None, "from-url"),  # no exclusive_prefix: the URL's applies
         ("?prefix=from-url", "mine", "mine"),  # a setting is a keyword: it wins over the URL
         ("", "mine", "mine"),
-        ("", None, None),  # neither: the store's own default
+        # neither: "exclusive", as the app has always used, whatever the store's own default
+        # (SQL stores default to no prefix: a new default would change every key of a
+        # running project, and old and new workers of a rolling upgrade would both run)
+        ("", None, "exclusive"),
     ],
 )
-def test_the_apps_store_gets_a_prefix_only_when_the_app_sets_one(
+def test_the_apps_store_gets_the_prefix_of_its_setting_else_of_the_url_else_exclusive(
     tmp_path: Any, query: str, setting: str | None, prefix: str | None
 ) -> None:
-    from celery_exclusive import connect
     from celery_exclusive.celery.config import reset, store_for
 
     url = f"sqlite:///{tmp_path}/leases.db{query}"
     app = celery_app(exclusive_url=url, exclusive_prefix=setting)
     try:
         store = store_for(app)
-        expected = connect(url).backend.prefix if prefix is None else prefix
-        assert store.backend.prefix == expected  # type: ignore[attr-defined]
+        assert store.backend.prefix == prefix  # type: ignore[attr-defined]
     finally:
         reset(app)
 
@@ -179,7 +180,9 @@ def test_the_cli_settings_read_the_environment_and_arguments_win() -> None:
     env = {"CELERY_EXCLUSIVE_URL": "redis://env/0", "CELERY_EXCLUSIVE_PREFIX": "env"}
     settings = Settings.from_env(env)
     assert (settings.url, settings.prefix) == ("redis://env/0", "env")
-    assert settings.store_options() == {"prefix": "env"}
+    assert settings.store_options("sqlite:///x.db") == {"prefix": "env"}
     given = settings.merged(url="redis://arg/0", prefix=None)
     assert (given.url, given.prefix) == ("redis://arg/0", "env")
-    assert Settings.from_env({}).store_options() == {}  # no prefix: the store's own default
+    unset = Settings.from_env({})
+    assert unset.store_options("sqlite:///x.db?prefix=url") == {}  # the URL's applies
+    assert unset.store_options("sqlite:///x.db") == {"prefix": "exclusive"}

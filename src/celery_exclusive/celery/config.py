@@ -41,7 +41,7 @@ def store_for(app: Any) -> Store:
             "broker. A process-local "
             "lock would protect one process only, so there is no default."
         )
-    store = connect(url, **settings.store_options())
+    store = connect(url, **settings.store_options(url))
     with _lock:
         _cache[id(app)] = (pid, app, settings, store)
     return store

@@ -312,7 +312,7 @@ def get_store() -> Store:
             "CELERY_EXCLUSIVE_DATABASE (a PostgreSQL or SQLite DATABASES alias) in your "
             "Django settings"
         )
-    store = connect(url, **settings.store_options())
+    store = connect(url, **settings.store_options(url))
     with _lock:
         if _store is not None and _store[0] == pid:  # another thread was faster
             store.close()
