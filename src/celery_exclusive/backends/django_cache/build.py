@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ...exceptions import ConfigurationError
-from ..base import DEFAULT_FENCE_RETENTION, Backend
+from ..base import DEFAULT_FENCE_RETENTION, Backend, redact_url
 from ..url_options import Converter, parse_options, query_items, seconds, text
 from .common import DEFAULT_POLL, Cells, DjangoCacheBackend, import_django
 from .database import DatabaseCells
@@ -72,8 +72,7 @@ def parse_url(url: str, **options: Any) -> tuple[str, dict[str, Any]]:
     alias = unquote(parts.netloc or parts.path.strip("/"))
     if not alias:
         raise ConfigurationError(f"name a cache alias: django-cache://default, not {url!r}")
-    shown = parts._replace(query="", fragment="").geturl()
-    return alias, _options(shown, query_items(url), options)
+    return alias, _options(redact_url(url), query_items(url), options)
 
 
 def _options(

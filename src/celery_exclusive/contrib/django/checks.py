@@ -31,9 +31,10 @@ from django.core import checks
 
 from ...backends.django_cache import CacheProblem, inspect_cache
 from ...backends.django_cache import parse_url as parse_cache_url
+from ...backends.registry import SCHEMES
 from ...config import check_lookup
 from ...exceptions import ConfigurationError
-from ...store import SCHEMES, validate_url
+from ...store import validate_url
 from .conf import (
     UnsupportedDatabase,
     _lookup,
@@ -44,9 +45,6 @@ from .conf import (
 )
 
 __all__ = ["check_store"]
-
-#: URL schemes ``connect()`` knows (checked without importing or connecting anything).
-KNOWN_SCHEMES = frozenset(SCHEMES)
 
 _STORE_HINT = (
     "Set CELERY_EXCLUSIVE_URL to a store every web and worker process can reach "
@@ -148,13 +146,13 @@ def _check_url(url: Any, alias: str | None) -> list[checks.CheckMessage]:
         return []  # a client object: nothing to look at without connecting
     scheme, sep, _ = url.partition("://")
     scheme = scheme.lower()
-    if not sep or scheme not in KNOWN_SCHEMES:
+    if not sep or scheme not in SCHEMES:
         shown = f"{scheme}://" if sep else repr(url[:40])
         return [
             _error(
                 "E004",
                 f"CELERY_EXCLUSIVE_URL has an unknown store scheme {shown}.",
-                "Known schemes: " + ", ".join(sorted(KNOWN_SCHEMES)) + ".",
+                "Known schemes: " + ", ".join(sorted(SCHEMES)) + ".",
             )
         ]
     if scheme == "memory":
