@@ -39,7 +39,7 @@ _adopted: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, str]]] = weakref.W
 _adopted_lock = threading.Lock()
 
 
-def _adopt_settings(app: Any, values: Mapping[str, Any], source: str) -> None:
+def adopt_settings(app: Any, values: Mapping[str, Any], source: str) -> None:
     """Make ``values`` (``{"url": ..., "prefix": ...}``) the app's ``exclusive_*`` settings.
 
     The store is one per app (the worker's revoke and release handlers use it for every

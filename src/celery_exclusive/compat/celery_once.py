@@ -63,7 +63,7 @@ from celery.result import EagerResult
 
 from ..exceptions import AlreadyQueued as _AlreadyQueued
 from ..exceptions import ConfigurationError
-from . import MigratedTask, _adopt_settings, _check_seconds
+from . import MigratedTask, _check_seconds, adopt_settings
 
 __all__ = ["AlreadyQueued", "QueueOnce"]
 
@@ -250,7 +250,7 @@ def _once_settings(app: Any) -> float | None:
         if url and url.startswith("redis+socket://"):
             url = "unix://" + url[len("redis+socket://") :]
         if url:  # first, so that a worker's store check does not report a missing store
-            _adopt_settings(app, {"url": url}, "ONCE['settings']['url']")
+            adopt_settings(app, {"url": url}, "ONCE['settings']['url']")
         if settings.get("blocking"):
             raise ConfigurationError(
                 "ONCE['settings']['blocking'] is not supported: a call never waits for the key "

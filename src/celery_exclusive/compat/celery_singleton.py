@@ -60,7 +60,7 @@ from typing import Any
 from ..celery.config import store_for
 from ..exceptions import AlreadyQueued, ConfigurationError, ExclusiveError
 from ..keys import glob_escape
-from . import MigratedTask, _adopt_settings, _check_seconds
+from . import MigratedTask, _check_seconds, adopt_settings
 
 __all__ = ["CelerySingletonException", "DuplicateTaskError", "Singleton", "clear_locks"]
 
@@ -256,7 +256,7 @@ def _singleton_settings(app: Any) -> None:
     if prefix:
         values["prefix"] = prefix
     if values:  # first, so that a worker's store check does not report a missing store
-        _adopt_settings(app, values, "singleton_backend_url/singleton_key_prefix")
+        adopt_settings(app, values, "singleton_backend_url/singleton_key_prefix")
     backend_class = conf.get("singleton_backend_class")
     if backend_class is not None:
         path = (

@@ -37,10 +37,10 @@ from ...exceptions import ConfigurationError
 from ...store import validate_url
 from .conf import (
     UnsupportedDatabase,
-    _lookup,
     cache_alias,
     database_alias,
     django_settings,
+    setting,
     store_url,
 )
 
@@ -90,7 +90,7 @@ _DATABASE_HINT = (
 @checks.register("celery_exclusive")
 def check_store(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """Check the celery-exclusive settings, statically."""
-    problems = check_lookup(_lookup, prefix="CELERY_EXCLUSIVE_")
+    problems = check_lookup(setting, prefix="CELERY_EXCLUSIVE_")
     if problems:
         return [
             _error("E004", f"Invalid celery-exclusive setting {p}.", _VALUE_HINT) for p in problems

@@ -46,6 +46,7 @@ __all__ = [
     "django_settings",
     "get_store",
     "reset",
+    "setting",
     "store_url",
 ]
 
@@ -103,7 +104,8 @@ class _BridgedURL(str):
         return repr(redact(str(self)))
 
 
-def _lookup(name: str) -> Any:
+def setting(name: str) -> Any:
+    """The value of the Django setting ``name`` (upper-cased), None when it is not set."""
     from django.conf import settings
 
     return getattr(settings, name.upper(), None)
@@ -111,7 +113,7 @@ def _lookup(name: str) -> Any:
 
 def django_settings() -> Settings:
     """Return the library's settings from ``CELERY_EXCLUSIVE_*`` Django settings."""
-    return Settings.from_lookup(_lookup, prefix="CELERY_EXCLUSIVE_")
+    return Settings.from_lookup(setting, prefix="CELERY_EXCLUSIVE_")
 
 
 def cache_alias() -> str | None:
@@ -125,7 +127,7 @@ def database_alias() -> str | None:
 
 
 def _alias_setting(name: str, what: str) -> str | None:
-    alias = _lookup(name)
+    alias = setting(name)
     if alias is None:
         return None
     if not isinstance(alias, str) or not alias:
@@ -173,7 +175,7 @@ def store_url(settings: Settings | None = None) -> Any:
         return database_url(database)
     if settings.url is not None:
         return settings.url
-    return celery_fallback_url(_lookup("CELERY_RESULT_BACKEND"), _lookup("CELERY_BROKER_URL"))
+    return celery_fallback_url(setting("CELERY_RESULT_BACKEND"), setting("CELERY_BROKER_URL"))
 
 
 # -- CELERY_EXCLUSIVE_DATABASE -----------------------------------------------------------------
@@ -347,7 +349,7 @@ def bridge_settings() -> None:
     from django.conf import settings
 
     with _lock:
-        current = _lookup("CELERY_EXCLUSIVE_URL")
+        current = setting("CELERY_EXCLUSIVE_URL")
         if current is not None and not (isinstance(current, str) and current in _bridged):
             return  # the user's own URL
         try:
