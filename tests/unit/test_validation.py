@@ -175,6 +175,43 @@ def test_bad_redis_url_parts_are_configuration_errors(url: str, words: str) -> N
     assert "pw" not in message.replace("pwd", ""), message
 
 
+def test_a_keyword_option_wins_over_the_redis_url_query() -> None:
+    store = connect("redis://127.0.0.1:1/0?prefix=a&fence_retention=60", prefix="b")
+    backend: Any = store.backend
+    assert backend.prefix == "b"
+    assert backend.fence_retention_ms == 60_000  # the query's, where no keyword is given
+
+
+def test_redis_own_options_are_taken_as_keywords_too() -> None:
+    store = connect("redis://127.0.0.1:1/0?socket_timeout=9", socket_timeout=2, fence_retention=60)
+    backend: Any = store.backend
+    assert backend.fence_retention_ms == 60_000
+    assert backend.client.connection_pool.connection_kwargs["socket_timeout"] == 2
+
+
+def test_a_keyword_of_none_leaves_the_redis_url_option() -> None:
+    backend: Any = connect("redis://127.0.0.1:1/0?prefix=a", prefix=None).backend
+    assert backend.prefix == "a"
+
+
+@pytest.mark.parametrize(
+    ("keywords", "words"),
+    [
+        ({"prefix": "a{b}"}, "prefix"),
+        ({"prefix": ""}, "prefix"),
+        ({"socket_timeout": -1}, "socket_timeout"),
+        ({"fence_retention": "soon"}, "fence_retention"),
+    ],
+)
+def test_bad_redis_keyword_options_name_the_option_and_the_url(
+    keywords: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=words) as info:
+        connect("redis://:pw@127.0.0.1:1/0", **keywords)
+    assert "127.0.0.1" in str(info.value)
+    assert ":pw@" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("url", "words"),
     [
