@@ -195,6 +195,38 @@ def test_a_keyword_of_none_leaves_the_redis_url_option() -> None:
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:1/0?prefix=a&socket_timeout=9",
+        "unix:///tmp/redis.sock?prefix=a&socket_timeout=9",
+        "redis+sentinel://127.0.0.1:1/mymaster/0?prefix=a&socket_timeout=9",
+        "redis+cluster://127.0.0.1:1?prefix=a&socket_timeout=9",
+    ],
+)
+def test_every_redis_topology_lets_a_keyword_win_over_the_query(url: str) -> None:
+    from celery_exclusive.backends.redis import parse_url
+
+    parsed = parse_url(url, prefix="b")
+    assert (parsed.prefix, parsed.socket_timeout) == ("b", 9.0)
+    assert "prefix" not in parsed.query and "prefix" not in parsed.url
+
+
+def test_a_parsed_redis_url_does_not_show_its_passwords() -> None:
+    from celery_exclusive.backends.redis import parse_url
+
+    plain = parse_url("redis://:secret@127.0.0.1:1/0")
+    sentinel = parse_url("redis+sentinel://:secret@127.0.0.1:1/m/0?sentinel_password=secret2")
+    assert "secret" not in repr(plain) and "secret" not in repr(sentinel)
+    assert (sentinel.password, sentinel.sentinel_password) == ("secret", "secret2")
+
+
+def test_redis_py_keyword_options_still_reach_redis_py() -> None:
+    backend: Any = connect("redis://127.0.0.1:1/0?prefix=a", max_connections=7).backend
+    assert backend.client.connection_pool.max_connections == 7
+    assert backend.prefix == "a"
+
+
+@pytest.mark.parametrize(
     ("keywords", "words"),
     [
         ({"prefix": "a{b}"}, "prefix"),
