@@ -175,6 +175,75 @@ def test_bad_redis_url_parts_are_configuration_errors(url: str, words: str) -> N
     assert "pw" not in message.replace("pwd", ""), message
 
 
+def test_a_keyword_option_wins_over_the_redis_url_query() -> None:
+    store = connect("redis://127.0.0.1:1/0?prefix=a&fence_retention=60", prefix="b")
+    backend: Any = store.backend
+    assert backend.prefix == "b"
+    assert backend.fence_retention_ms == 60_000  # the query's, where no keyword is given
+
+
+def test_redis_own_options_are_taken_as_keywords_too() -> None:
+    store = connect("redis://127.0.0.1:1/0?socket_timeout=9", socket_timeout=2, fence_retention=60)
+    backend: Any = store.backend
+    assert backend.fence_retention_ms == 60_000
+    assert backend.client.connection_pool.connection_kwargs["socket_timeout"] == 2
+
+
+def test_a_keyword_of_none_leaves_the_redis_url_option() -> None:
+    backend: Any = connect("redis://127.0.0.1:1/0?prefix=a", prefix=None).backend
+    assert backend.prefix == "a"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:1/0?prefix=a&socket_timeout=9",
+        "unix:///tmp/redis.sock?prefix=a&socket_timeout=9",
+        "redis+sentinel://127.0.0.1:1/mymaster/0?prefix=a&socket_timeout=9",
+        "redis+cluster://127.0.0.1:1?prefix=a&socket_timeout=9",
+    ],
+)
+def test_every_redis_topology_lets_a_keyword_win_over_the_query(url: str) -> None:
+    from celery_exclusive.backends.redis import parse_url
+
+    parsed = parse_url(url, prefix="b")
+    assert (parsed.prefix, parsed.socket_timeout) == ("b", 9.0)
+    assert "prefix" not in parsed.query and "prefix" not in parsed.url
+
+
+def test_a_parsed_redis_url_does_not_show_its_passwords() -> None:
+    from celery_exclusive.backends.redis import parse_url
+
+    plain = parse_url("redis://:secret@127.0.0.1:1/0")
+    sentinel = parse_url("redis+sentinel://:secret@127.0.0.1:1/m/0?sentinel_password=secret2")
+    assert "secret" not in repr(plain) and "secret" not in repr(sentinel)
+    assert (sentinel.password, sentinel.sentinel_password) == ("secret", "secret2")
+
+
+def test_redis_py_keyword_options_still_reach_redis_py() -> None:
+    backend: Any = connect("redis://127.0.0.1:1/0?prefix=a", max_connections=7).backend
+    assert backend.client.connection_pool.max_connections == 7
+    assert backend.prefix == "a"
+
+
+@pytest.mark.parametrize(
+    ("keywords", "words"),
+    [
+        ({"prefix": "a{b}"}, "prefix"),
+        ({"prefix": ""}, "prefix"),
+        ({"socket_timeout": -1}, "socket_timeout"),
+        ({"fence_retention": "soon"}, "fence_retention"),
+    ],
+)
+def test_bad_redis_keyword_options_name_the_option_and_the_url(
+    keywords: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=words) as info:
+        connect("redis://:pw@127.0.0.1:1/0", **keywords)
+    assert "127.0.0.1" in str(info.value)
+    assert ":pw@" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("url", "words"),
     [
