@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .backends.url_options import query_items
+from .backends.url_options import key_prefix, query_items
 from .exceptions import ConfigurationError
 
 __all__ = ["DEFAULT_PREFIX", "Settings", "celery_fallback_url", "check_lookup"]
@@ -57,12 +57,8 @@ class Settings:
     def __post_init__(self) -> None:
         if isinstance(self.url, (bytes, int, float)):
             raise ConfigurationError(f"exclusive url must be a str, not {type(self.url).__name__}")
-        if self.prefix is not None and (
-            not isinstance(self.prefix, str) or not self.prefix or "{" in self.prefix
-        ):
-            raise ConfigurationError(
-                f"exclusive prefix must be a non-empty str, not {self.prefix!r}"
-            )
+        if self.prefix is not None:
+            key_prefix("exclusive prefix", self.prefix)
         if not isinstance(self.enabled, bool):
             raise ConfigurationError(
                 f"exclusive enabled must be true or false, not {self.enabled!r}"

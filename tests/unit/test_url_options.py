@@ -6,6 +6,7 @@ import pytest
 
 from celery_exclusive.backends.url_options import (
     boolean,
+    key_prefix,
     parse_options,
     positive_int,
     query_items,
@@ -77,3 +78,10 @@ def test_every_bad_option_is_a_configuration_error_naming_it(
         parse(url, **keywords)
     for word in words:
         assert word in str(caught.value)
+
+
+@pytest.mark.parametrize("bad", ["", "a{b", "a}b", 3, None])
+def test_a_key_prefix_is_a_non_empty_string_without_braces(bad: object) -> None:
+    assert key_prefix("prefix", "app:1") == "app:1"
+    with pytest.raises(ConfigurationError, match="prefix"):
+        key_prefix("prefix", bad)

@@ -24,6 +24,7 @@ from ..exceptions import ConfigurationError
 __all__ = [
     "Converter",
     "boolean",
+    "key_prefix",
     "parse_options",
     "positive_int",
     "query_items",
@@ -40,6 +41,17 @@ def text(name: str, value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigurationError(f"{name} must be a non-empty string, not {value!r}")
     return value
+
+
+def key_prefix(name: str, value: object) -> str:
+    """The first part of every key: a non-empty string without braces (a brace would start a
+    Redis Cluster hash tag)."""
+    prefix = text(name, value)
+    if "{" in prefix or "}" in prefix:
+        raise ConfigurationError(
+            f"{name} must be a non-empty string without braces, not {prefix!r}"
+        )
+    return prefix
 
 
 def boolean(name: str, value: object) -> bool:

@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 from ...exceptions import ConfigurationError
 from ..base import DEFAULT_FENCE_RETENTION, Backend, redact_url
-from ..url_options import Converter, parse_options, query_items, seconds, text
+from ..url_options import Converter, key_prefix, parse_options, query_items, seconds
 from .common import DEFAULT_POLL, Cells, DjangoCacheBackend, import_django
 from .database import DatabaseCells
 from .memcached import MemcachedCells
@@ -27,17 +27,9 @@ from .support import inspect_cache
 __all__ = ["URL_OPTIONS", "backend_for_cache", "from_url", "parse_url"]
 
 
-def _prefix(name: str, value: object) -> str:
-    """A non-empty string without ``{`` (a brace would start a Redis Cluster hash tag)."""
-    prefix = text(name, value)
-    if "{" in prefix:
-        raise ConfigurationError(f"{name} must be a non-empty str without braces: {prefix!r}")
-    return prefix
-
-
 #: The options of a django-cache:// store, by the converter that checks each one.
 OPTIONS: dict[str, Converter] = {
-    "prefix": _prefix,
+    "prefix": key_prefix,
     "poll": seconds,
     "fence_retention": seconds,
 }

@@ -20,7 +20,7 @@ from urllib.parse import SplitResult, quote, unquote, urlencode, urlsplit
 
 from ...exceptions import BackendError, ConfigurationError
 from ..base import DEFAULT_FENCE_RETENTION, redact_url
-from ..url_options import Converter, parse_options, query_items, seconds, text
+from ..url_options import Converter, key_prefix, parse_options, query_items, seconds
 from .calls import DEFAULT_SOCKET_TIMEOUT, import_redis
 
 __all__ = ["OWN_OPTIONS", "SENTINEL_OPTIONS", "RedisURL", "build_client", "parse_url"]
@@ -34,16 +34,8 @@ OWN_OPTIONS = ("prefix", "socket_timeout", "fence_retention")
 SENTINEL_OPTIONS = ("service_name", "db", "sentinel_password")
 
 
-def _prefix(name: str, value: object) -> str:
-    """The first part of every key: a non-empty text without braces (the hash tag's)."""
-    prefix = text(name, value)
-    if "{" in prefix or "}" in prefix:
-        raise ConfigurationError(f"{name} must be a text without braces, not {prefix!r}")
-    return prefix
-
-
 _OPTIONS: dict[str, Converter] = {
-    "prefix": _prefix,
+    "prefix": key_prefix,
     "socket_timeout": seconds,
     "fence_retention": seconds,
 }
