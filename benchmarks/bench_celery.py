@@ -433,7 +433,7 @@ def ce_holders(env: Env, keys: Sequence[str]) -> int:
 
     A lease hash outlives its holders by design (it keeps the key's fence counter, field
     ``#f``, for days), so what counts is the holder fields in it: every field but ``#...``.
-    The hash is ``<prefix>:{<key>}:lease`` (see backends/lua/acquire.lua).
+    The hash is ``<prefix>:{<key>}:lease`` (see backends/redis/lua/acquire.lua).
     """
     pipe = env.store.pipeline(transaction=False)
     for key in keys:

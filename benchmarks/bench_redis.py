@@ -930,7 +930,7 @@ BLOCK_TARGET_US = 10_000  # no single command may block Redis longer
 
 
 def _lease_hash(prefix: str, key: str) -> str:
-    """The Redis key of ``key``'s lease hash (see the layout in backends/redis.py)."""
+    """The Redis key of ``key``'s lease hash (see the layout in backends/redis/__init__.py)."""
     return f"{prefix}:{{{key}}}:lease"
 
 
