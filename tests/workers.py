@@ -1,8 +1,9 @@
-"""Real Celery worker processes for the integration tests.
+"""Real Celery worker processes for the integration tests, and where they meet the test process.
 
 A worker runs ``celery -A tests.celery_app worker`` in its own process group (so a kill reaches
 its pool children too), logs to a file shown when a test fails, and is ready when its log says
-so. Every wait has a deadline.
+so. Every wait has a deadline. :func:`celery_env_on` points the test process's app and the workers'
+environment at one private Redis (broker, results and store), for the length of a block.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from .servers import GaveUp, wait_until
+from .servers import GaveUp, RedisServer, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,3 +170,68 @@ def wait_for(results: list[Any], timeout: float = 60) -> list[Any]:
         remaining = max(deadline - time.monotonic(), 0.1)
         values.append(result.get(timeout=remaining, propagate=False))
     return values
+
+
+@dataclass
+class CeleryEnv:
+    """Where a module's workers and its test process meet."""
+
+    server: RedisServer
+    env: dict[str, str]
+
+    def worker(self, **kwargs: Any) -> Worker:
+        return Worker(self.env, **kwargs)
+
+    def tag(self) -> str:
+        return uuid.uuid4().hex[:10]
+
+
+def forget_connections() -> None:
+    """Drop the test app's cached broker pool, queues and result backend, closing them.
+
+    An app that has published before keeps its connection pool, its queue table and its result
+    backend: without this, a module that runs after another one would still publish to (and
+    read results from) the old servers.
+    """
+    from . import celery_app
+
+    app = celery_app.app
+    pool, app._pool = app._pool, None
+    if pool is not None:
+        with contextlib.suppress(Exception):
+            pool.force_close_all()
+    amqp = app.__dict__.pop("amqp", None)
+    producers = getattr(amqp, "_producer_pool", None)
+    if producers is not None:
+        with contextlib.suppress(Exception):
+            producers.force_close_all()
+    app._backend_cache = None
+    app._local = threading.local()
+
+
+def point_app_at(env: dict[str, str]) -> None:
+    """Point the test process's app (tests.celery_app) at the servers ``env`` names."""
+    from . import celery_app
+
+    forget_connections()
+    celery_app.configure_from(env)
+
+
+@contextlib.contextmanager
+def celery_env_on(
+    server: RedisServer, *, visibility: float | None = None, broker: str | None = None
+) -> Iterator[CeleryEnv]:
+    """The test app and its workers on ``server`` (and on ``broker``, when given), for the block.
+
+    ``visibility``: the Redis broker's visibility timeout (redelivery tests).
+    """
+    env = worker_env(
+        server.url, f"cex-{uuid.uuid4().hex[:8]}", f"q-{uuid.uuid4().hex[:8]}", visibility
+    )
+    if broker is not None:
+        env["CEX_BROKER_URL"] = broker
+    point_app_at(env)
+    try:
+        yield CeleryEnv(server, env)
+    finally:
+        forget_connections()

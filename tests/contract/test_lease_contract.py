@@ -16,9 +16,9 @@ from celery_exclusive import (
     Timeout,
     events,
 )
-from celery_exclusive.backends.base import Backend
 from celery_exclusive.renewal import Renewer
 
+from ..conftest import expected_skip, lacks, skip_unless_supported
 from ..servers import wait_until
 
 
@@ -310,14 +310,35 @@ def test_a_stale_renewal_reply_does_not_mark_a_newer_grant_lost(store: Store) ->
     lease.release()
 
 
-def test_update_meta_and_take_hand_a_lease_over(store: Store) -> None:
-    if type(store.backend).update_meta is Backend.update_meta:
-        # A store that cannot do it atomically says so, rather than faking it.
-        with pytest.raises(ConfigurationError, match="cannot update a holder"):
-            store.backend.update_meta("pending", "t", "{}")
+def test_a_store_refuses_the_optional_steps_it_cannot_do_atomically(store: Store) -> None:
+    missing = [m for m in ("update_meta", "take", "hand_over") if lacks(store, m)]
+    if not missing:
+        expected_skip(f"the {store.backend.describe()} store does every optional step")
+    # A store that cannot do a step atomically says so, rather than faking it
+    backend = store.backend
+    refusals = {
+        "update_meta": ("cannot update a holder", lambda: backend.update_meta("k", "t", "{}")),
+        "take": ("cannot hand a lease over", lambda: backend.take("k", "t")),
+        "hand_over": (
+            "cannot hand a lease over",
+            lambda: backend.hand_over("k", "task-1", "task-1/run-a", 30.0),
+        ),
+    }
+    for method in missing:
+        words, call = refusals[method]
+        with pytest.raises(ConfigurationError, match=words):
+            call()
+    # ...and a lease's acquire that needs it (take_over) refuses before taking anything
+    if "hand_over" in missing:
+        run = store.lease("k", token="task-1/run", auto_renew=False)
         with pytest.raises(ConfigurationError, match="cannot hand a lease over"):
-            store.backend.take("pending", "t")
-        return
+            run.acquire(take_over="task-1")
+        assert store.holders("k") == []
+
+
+def test_update_meta_and_take_hand_a_lease_over(store: Store) -> None:
+    skip_unless_supported(store, "update_meta", "update a holder in place")
+    skip_unless_supported(store, "take", "hand a lease over")
     lease = store.lease("pending", meta={"call": 1})
     lease.acquire()
     assert store.backend.update_meta("pending", lease.token, '{"call":2}') is True
@@ -344,11 +365,7 @@ def test_max_hold_stops_renewal_so_a_stuck_holder_lets_go(store: Store) -> None:
 
 
 def test_hand_over_moves_a_live_grant_keeping_its_fence(store: Store) -> None:
-    if type(store.backend).hand_over is Backend.hand_over:
-        # A store that cannot do it atomically says so, rather than faking it.
-        with pytest.raises(ConfigurationError, match="cannot hand a lease over"):
-            store.backend.hand_over("job", "task-1", "task-1/run-a", 30.0)
-        return
+    skip_unless_supported(store, "hand_over", "hand a lease over")
     # Given a grant owned by a task id (an enqueue lease)
     queued = store.lease("job", token="task-1")
     queued.acquire()
@@ -366,8 +383,7 @@ def test_hand_over_moves_a_live_grant_keeping_its_fence(store: Store) -> None:
 
 
 def test_hand_over_can_give_the_new_owner_its_own_metadata(store: Store) -> None:
-    if type(store.backend).hand_over is Backend.hand_over:
-        return  # refused with a clear error: see the test above
+    skip_unless_supported(store, "hand_over", "hand a lease over")
     # Given a queued message's grant, described by the producer
     queued = store.lease("job", token="task-1", meta={"state": "queued", "host": "web-1"})
     queued.acquire()
@@ -383,12 +399,8 @@ def test_hand_over_can_give_the_new_owner_its_own_metadata(store: Store) -> None
 
 
 def test_take_over_moves_a_grant_into_a_lease_or_grants_anew(store: Store) -> None:
+    skip_unless_supported(store, "hand_over", "hand a lease over")
     run = store.lease("job", token="task-1/run", meta={"state": "running"}, auto_renew=False)
-    if type(store.backend).hand_over is Backend.hand_over:
-        with pytest.raises(ConfigurationError, match="cannot hand a lease over"):
-            run.acquire(take_over="task-1")
-        assert store.holders("job") == []
-        return
     # Given a queued message's grant owned by its task id
     queued = store.lease("job", token="task-1", meta={"state": "queued"})
     queued.acquire()

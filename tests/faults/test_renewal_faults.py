@@ -27,9 +27,10 @@ import pytest
 from celery_exclusive import Lease, LeaseLost, Store, connect, events
 from celery_exclusive.renewal import Renewer
 
+from ..conftest import started, url_for_kind
 from ..forks import reap, run_forked
-from ..servers import RedisServer, frozen, running, wait_until
-from .test_server_restart import LostLog
+from ..servers import RedisServer, frozen, wait_until
+from .conftest import LostLog, stays_held
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,18 +53,14 @@ def healthy_url(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "memory":
         yield "memory://"
         return
-    request.getfixturevalue("private_redis")  # skips (or fails in CI) without a redis-server
-    with running(RedisServer()) as server:
+    with started(RedisServer) as server:
         yield server.url
 
 
 @pytest.fixture(params=["memory", "redis", "sqlite", "postgres"])
 def fork_store_url(request: pytest.FixtureRequest) -> str:
     """Every store: memory:// (the child gets a copy of it) and the server-backed ones."""
-    if request.param == "memory":
-        return "memory://"
-    name = {"redis": "redis_url", "postgres": "pg_url", "sqlite": "sqlite_file_url"}
-    return str(request.getfixturevalue(name[request.param]))
+    return url_for_kind(request, request.param, sqlite="sqlite_file_url")
 
 
 def in_child(body: Callable[[], None], what: str, timeout: float = CHILD_DEADLINE) -> None:
@@ -98,15 +95,6 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def hold_for(lease: Lease, rival: Lease, seconds: float) -> None:
-    """Check for ``seconds`` that ``lease`` stays held and ``rival`` cannot take its key."""
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        assert lease.held, f"{lease!r} was lost: {lease.lost_reason}"
-        assert not rival.acquire(), f"a second owner got {lease.key!r}: it was not renewed"
-        time.sleep(0.05)
 
 
 # -- one store hangs --------------------------------------------------------------------------
@@ -247,8 +235,8 @@ def test_a_lease_granted_before_a_fork_is_the_parents_alone(
             own = store.lease("own", ttl=0.5)
             assert own.acquire()
             assert spare.acquire()
-            hold_for(own, store.lease("own"), 1.5)
-            hold_for(spare, store.lease("spare"), 0.5)
+            stays_held(own, store.lease("own"), 1.5)
+            stays_held(spare, store.lease("spare"), 0.5)
             assert own.release()
             assert spare.release()
 

@@ -1,8 +1,8 @@
 """The Redis server dies, restarts empty, or stays down under a held lease.
 
-Each test has a private redis-server (``private_redis``), never the session's, and a private
-renewer, so what its renewal thread logs is this test's alone. The store is built with
-``socket_timeout=1`` so a dead server is noticed in about a second.
+Each test has a private redis-server (``private_redis``), never the session's, and a store with
+a renewer of its own (``private_store``), so what its renewal thread logs is this test's alone.
+The store is built with ``socket_timeout=1`` so a dead server is noticed in about a second.
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
 
-from celery_exclusive import BackendError, Lease, LeaseLost, Store, connect
+from celery_exclusive import BackendError, Store
 from celery_exclusive.renewal import Renewer
 
 from ..servers import RedisServer, wait_until
+from .conftest import LostLog, PrivateStore, assert_lost, renewal_failures, stays_held
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,60 +26,10 @@ TTL = 1.0
 MARGIN = 3.0
 
 
-class LostLog:
-    """An on_lost callback that remembers each (reason, time) and can be waited on."""
-
-    def __init__(self) -> None:
-        self.reasons: list[str] = []
-        self.at: list[float] = []
-        self.event = threading.Event()
-
-    def __call__(self, _lease: Lease, reason: str) -> None:
-        self.reasons.append(reason)
-        self.at.append(time.monotonic())
-        self.event.set()
-
-
 @pytest.fixture
-def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[threading.ExceptHookArgs]:
-    """Exceptions that escaped any thread during the test."""
-    seen: list[threading.ExceptHookArgs] = []
-    original = threading.excepthook
-
-    def hook(args: threading.ExceptHookArgs) -> None:
-        seen.append(args)
-        original(args)
-
-    monkeypatch.setattr(threading, "excepthook", hook)
-    return seen
-
-
-@pytest.fixture
-def fault_store(private_redis: RedisServer, prefix: str) -> Iterator[tuple[Store, Renewer]]:
-    renewer = Renewer()
-    store = Store(
-        connect(f"{private_redis.url}?socket_timeout=1", prefix=prefix).backend, renewer=renewer
-    )
-    try:
-        yield store, renewer
-    finally:
-        store.close()
-
-
-def renewal_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
-    """Errors the renewal thread caught from a round (anything but a BackendError)."""
-    return [
-        r.getMessage() + (f" {r.exc_info[1]!r}" if r.exc_info else "")
-        for r in caplog.records
-        if r.name.startswith("celery_exclusive") and r.levelno >= logging.ERROR
-    ]
-
-
-def assert_lost(lease: Lease) -> None:
-    assert not lease.held
-    with pytest.raises(LeaseLost) as info:
-        lease.ensure_held()
-    assert info.value.key == lease.key
+def fault_store(private_redis: RedisServer, private_store: PrivateStore) -> tuple[Store, Renewer]:
+    """A store on the private server whose client gives up on a dead server after 1 s."""
+    return private_store(f"{private_redis.url}?socket_timeout=1")
 
 
 def test_server_restarted_empty_reports_the_lease_lost_and_works_again(
@@ -113,14 +63,7 @@ def test_server_restarted_empty_reports_the_lease_lost_and_works_again(
     assert again.fence is not None and again.fence > old_fence
 
     # ...and the renewal thread survived: the new lease stays held well past its ttl
-    other = store.lease("K")
-    held_until = time.monotonic() + 3.5 * TTL
-    for _ in range(1000):
-        if time.monotonic() >= held_until:
-            break
-        assert again.held, f"the lease after the restart was lost: {again.lost_reason}"
-        assert not other.acquire()
-        time.sleep(0.05)
+    stays_held(again, store.lease("K"), 3.5 * TTL)
     assert again.release() is True
     assert lease.release() is False  # the lost lease frees nothing
     assert renewal_failures(caplog) == []

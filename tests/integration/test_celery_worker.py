@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 
 import pytest
@@ -10,6 +11,7 @@ from celery_exclusive.celery import is_skipped
 from celery_exclusive.celery.config import store_for
 
 from .. import celery_app as ca
+from ..conftest import unavailable
 from ..history import check_history
 from ..servers import wait_until
 from ..workers import Worker, wait_for
@@ -18,8 +20,8 @@ from .conftest import CeleryEnv
 
 @pytest.fixture(scope="module", params=["prefork", "threads", "solo", "gevent"])
 def worker(request: pytest.FixtureRequest, celery_env: CeleryEnv) -> Iterator[Worker]:
-    if request.param == "gevent":
-        pytest.importorskip("gevent", reason="pip install gevent to test the gevent pool")
+    if request.param == "gevent" and importlib.util.find_spec("gevent") is None:
+        unavailable("no gevent to test the gevent pool: pip install gevent (in the test extra)")
     concurrency = 1 if request.param == "solo" else 4
     w = celery_env.worker(pool=request.param, concurrency=concurrency).start()
     try:

