@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,30 +28,9 @@ from .. import compat_apps as ca
 from ..history import check_history
 from ..servers import wait_until
 from ..workers import Worker, shown_if_failed
+from .compat_fixtures import compat_fixtures
 
-
-@pytest.fixture(scope="module")
-def env() -> Iterator[dict[str, str]]:
-    with ca.private_servers(ca.once_app) as env:
-        yield env
-
-
-@pytest.fixture(scope="module")
-def worker(request: pytest.FixtureRequest, env: dict[str, str]) -> Iterator[Worker]:
-    with ca.running_worker(request, env, "tests.compat_apps:once_app") as w:
-        yield w
-
-
-@pytest.fixture
-def store(env: dict[str, str]) -> Iterator[Store]:
-    with ca.lease_store(env) as s:
-        yield s
-
-
-@pytest.fixture
-def broker(env: dict[str, str]) -> Iterator[redis.Redis]:
-    with ca.broker_client(env) as client:
-        yield client
+env, worker, store, broker = compat_fixtures("once_app")
 
 
 def tag() -> str:

