@@ -2,7 +2,7 @@
 
 The layers (docs/architecture.md), from the bottom:
 
-- the **foundation**, ``exceptions`` and ``forking``: imported by everything;
+- the **foundation**, ``exceptions``, ``forking`` and ``embedded``: imported by everything;
 - the **backends**, ``backends/``: a few atomic operations each; they import the foundation
   and each other, never the lease core nor an integration; no Celery; no Django either, except
   the Django-cache store (``backends/django_cache``);
@@ -34,7 +34,7 @@ import celery_exclusive
 PACKAGE = "celery_exclusive"
 SOURCE = Path(celery_exclusive.__file__).parent
 
-FOUNDATION = {f"{PACKAGE}.exceptions", f"{PACKAGE}.forking"}
+FOUNDATION = {f"{PACKAGE}.{name}" for name in ("exceptions", "forking", "embedded")}
 BACKENDS = f"{PACKAGE}.backends"
 #: The modules (and sub-packages) of the integrations layer.
 INTEGRATIONS = {f"{PACKAGE}.{name}" for name in ("celery", "contrib", "compat", "demo", "cli")}
@@ -148,7 +148,9 @@ def test_no_module_imports_against_the_layers(module: Module) -> None:
         bad = sorted(i for i in internal if any(within(i, p) for p in INTEGRATIONS))
         assert bad == [], f"{module.name} ({module.layer}) imports an integration: {bad}"
     if module.layer == "foundation":
-        bad = sorted(i for i in internal if i not in FOUNDATION and i != PACKAGE)
+        bad = sorted(
+            i for i in internal if i != PACKAGE and not any(within(i, f) for f in FOUNDATION)
+        )
         assert bad == [], f"{module.name} (foundation) imports {bad}"
     if module.layer == "backends":
         lease_core = sorted(
