@@ -235,6 +235,24 @@ def running(server: PostgresServer) -> Iterator[PostgresServer]:
         server.cleanup()
 
 
+def django_database(url: str, options: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Django ``DATABASES`` entry for the PostgreSQL database at ``url`` (with ``OPTIONS``)."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    entry: dict[str, Any] = {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": parts.path.lstrip("/") or "postgres",
+        "USER": unquote(parts.username or ""),
+        "PASSWORD": unquote(parts.password or ""),
+        "HOST": parts.hostname or "",
+        "PORT": str(parts.port or ""),
+    }
+    if options is not None:
+        entry["OPTIONS"] = options
+    return entry
+
+
 # -- the session's server (shared by the contract and fault tests) ---------------------------
 
 _shared_url: str | None = None

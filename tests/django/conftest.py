@@ -20,6 +20,7 @@ import pytest
 from django.conf import settings
 
 from ..conftest import unavailable
+from ..pg import django_database
 from .servers import MemcachedServer, memcached_binary
 
 _DIR = tempfile.mkdtemp(prefix="cex-django-")
@@ -65,32 +66,14 @@ def memcached_location() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def postgres_cache() -> dict[str, Any]:
+def postgres_cache(postgres_url: str) -> dict[str, Any]:
     """A database cache in this session's PostgreSQL (the ``pg`` database alias)."""
-    from urllib.parse import unquote, urlsplit
-
     from django.core.management import call_command
     from django.db import connections
 
-    from ..pg import shared_postgres_url
     from . import routers
 
-    try:
-        url = shared_postgres_url()
-    except RuntimeError as exc:
-        unavailable(
-            f"no PostgreSQL ({exc}): install PostgreSQL or pgserver, or set "
-            "CELERY_EXCLUSIVE_TEST_POSTGRES_DSN"
-        )
-    parts = urlsplit(url)
-    database = {
-        "ENGINE": "django.db.backends.postgresql",
-        "NAME": parts.path.lstrip("/") or "postgres",
-        "USER": unquote(parts.username or ""),
-        "PASSWORD": unquote(parts.password or ""),
-        "HOST": parts.hostname or "",
-        "PORT": str(parts.port or ""),
-    }
+    database = django_database(postgres_url)
     # Django reads DATABASES once: add the alias to its connection handler as well.
     settings.DATABASES["pg"] = database
     connections.settings["pg"] = connections.configure_settings(

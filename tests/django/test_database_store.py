@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from django.conf import settings
@@ -33,9 +33,8 @@ from celery_exclusive.contrib.django import conf
 from celery_exclusive.contrib.django.checks import check_store
 from celery_exclusive.contrib.django.conf import database_url, get_store, store_url
 
-from ..conftest import unavailable
 from ..contract import test_lease_contract as contract
-from ..pg import shared_postgres_url
+from ..pg import django_database
 
 # The contract's tests, collected again here with this module's ``store`` fixture.
 globals().update({name: f for name, f in vars(contract).items() if name.startswith("test_")})
@@ -97,16 +96,9 @@ def _sqlite(tmp: Path) -> Database:
     )
 
 
-def _postgres() -> Database:
+def _postgres(url: str) -> Database:
     import psycopg
 
-    try:
-        url = shared_postgres_url()
-    except RuntimeError as exc:
-        unavailable(
-            f"no PostgreSQL ({exc}): install PostgreSQL or pgserver, or set "
-            "CELERY_EXCLUSIVE_TEST_POSTGRES_DSN"
-        )
     parts = urlsplit(url)
     libpq = {k: v for k, v in parse_qsl(parts.query) if k != "table"}
     server = parts._replace(query="").geturl()
@@ -114,18 +106,7 @@ def _postgres() -> Database:
     with psycopg.connect(server, autocommit=True, **libpq) as admin:
         admin.execute(f'CREATE SCHEMA "{schema}"')
     options = {**libpq, "options": f"-csearch_path={schema}"}
-    _add_alias(
-        "leases_pg",
-        {
-            "ENGINE": "django.db.backends.postgresql",
-            "NAME": parts.path.lstrip("/") or "postgres",
-            "USER": unquote(parts.username or ""),
-            "PASSWORD": unquote(parts.password or ""),
-            "HOST": parts.hostname or "",
-            "PORT": str(parts.port or ""),
-            "OPTIONS": options,
-        },
-    )
+    _add_alias("leases_pg", django_database(url, options))
 
     def drop() -> None:
         with psycopg.connect(server, autocommit=True, **libpq) as admin:
@@ -143,7 +124,10 @@ def _postgres() -> Database:
 def database(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Database]:
-    db = _sqlite(tmp_path_factory.mktemp("db")) if request.param == "sqlite" else _postgres()
+    if request.param == "sqlite":
+        db = _sqlite(tmp_path_factory.mktemp("db"))
+    else:
+        db = _postgres(request.getfixturevalue("postgres_url"))
     try:
         call_command("migrate", database=db.alias, verbosity=0, interactive=False)
         yield db
@@ -374,21 +358,10 @@ def test_a_postgresql_alias_gives_its_connection_settings(monkeypatch: pytest.Mo
     assert "p@ss" not in repr(connect(database_url("fake")))
 
 
-def test_libpq_options_with_spaces_reach_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    try:
-        url = shared_postgres_url()
-    except RuntimeError as exc:
-        unavailable(f"no PostgreSQL ({exc})")
-    parts = urlsplit(url)
-    db = {
-        "ENGINE": "django.db.backends.postgresql",
-        "NAME": parts.path.lstrip("/") or "postgres",
-        "USER": unquote(parts.username or ""),
-        "PASSWORD": unquote(parts.password or ""),
-        "HOST": parts.hostname or "",
-        "PORT": str(parts.port or ""),
-        "OPTIONS": {"options": "-c statement_timeout=54321"},
-    }
+def test_libpq_options_with_spaces_reach_the_server(
+    monkeypatch: pytest.MonkeyPatch, postgres_url: str
+) -> None:
+    db = django_database(postgres_url, {"options": "-c statement_timeout=54321"})
     monkeypatch.setitem(settings.DATABASES, "spaces", db)
     backend = PostgresBackend.from_url(database_url("spaces"))
     try:

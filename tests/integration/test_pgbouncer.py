@@ -27,7 +27,7 @@ from celery_exclusive.embedded import stop_process
 
 from ..conftest import unavailable
 from ..history import check_history
-from ..pg import _run_as, shared_postgres_url
+from ..pg import _run_as
 from ..servers import GaveUp, free_port, wait_until
 
 POOL_SIZE = 3
@@ -43,18 +43,14 @@ def _pgbouncer_binary() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def postgres_and_pgbouncer() -> Iterator[tuple[str, str]]:
+def postgres_and_pgbouncer(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     """(direct URL, URL through a private transaction-mode PgBouncer) of one database."""
     binary = _pgbouncer_binary()
     if binary is None:
         unavailable(
             "no pgbouncer: apt-get install pgbouncer, or set CELERY_EXCLUSIVE_TEST_PGBOUNCER"
         )
-    try:
-        direct = shared_postgres_url()
-    except RuntimeError as exc:
-        unavailable(f"no PostgreSQL ({exc}): install PostgreSQL or pgserver")
-        raise
+    direct: str = request.getfixturevalue("postgres_url")
     parts = urlsplit(direct)
     user, database = parts.username or "postgres", parts.path.lstrip("/") or "postgres"
     password = parts.password or ""
