@@ -47,17 +47,7 @@ def run_in_ci(tmp_path: Path) -> str:
     env = dict(os.environ)
     env.update(PYTHONPATH=str(ROOT), CI="1")
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-rA",
-            "-p",
-            "no:cacheprovider",
-            "-p",
-            "no:randomly",
-        ],
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
