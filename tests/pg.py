@@ -253,7 +253,7 @@ def django_database(url: str, options: dict[str, str] | None = None) -> dict[str
     return entry
 
 
-# -- the session's server (shared by the contract and fault tests) ---------------------------
+# -- the session's server (the postgres_url fixture, tests/conftest.py) ----------------------
 
 _shared_url: str | None = None
 _shared_error: str | None = None
