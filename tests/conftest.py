@@ -37,6 +37,13 @@ from .pg import PostgresServer, postgres_bin_dir, shared_postgres_url
 from .servers import RedisServer, redis_server_binary
 
 IN_CI = bool(os.environ.get("CI"))
+
+
+def in_ci() -> bool:
+    """Whether ``CI`` is set (read each time: a test of these rules sets it for a moment)."""
+    return bool(os.environ.get("CI"))
+
+
 SLOW = bool(os.environ.get("CELERY_EXCLUSIVE_SLOW"))
 
 #: How every skip CI accepts begins (see :func:`expected_skip`).
@@ -48,7 +55,7 @@ SLOW_ONLY = EXPECTED + "set CELERY_EXCLUSIVE_SLOW=1 for the long run"
 
 def unavailable(reason: str) -> None:
     """Fail in CI, skip locally: a missing server must never pass silently in CI."""
-    if IN_CI:
+    if in_ci():
         pytest.fail(f"{reason} (CI is set, so this is a failure)")
     pytest.skip(reason)
 
@@ -86,7 +93,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     """In CI, a skip that is not an expected one (see :func:`expected_skip`) is a failure."""
     outcome: Any = yield
     report = outcome.get_result()
-    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
         reason = _skip_reason(report.longrepr)
         if not reason.startswith(EXPECTED):
             report.outcome = "failed"
@@ -98,7 +105,7 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
     """The same for a whole module skipped at import (``importorskip``)."""
     outcome: Any = yield
     report = outcome.get_result()
-    if IN_CI and report.skipped:
+    if in_ci() and report.skipped:
         reason = _skip_reason(report.longrepr)
         if not reason.startswith(EXPECTED):
             report.outcome = "failed"

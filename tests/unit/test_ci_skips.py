@@ -1,13 +1,11 @@
-"""In CI a skip passes only when it is an expected one (tests/conftest.py): run a small session."""
+"""In CI a skip passes only when it is an expected one (tests/conftest.py): run a small session.
+
+The session runs in this process (pytester), with ``CI`` set for its length.
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+import pytest
 
 CONFTEST = """
 from tests.conftest import pytest_make_collect_report, pytest_runtest_makereport
@@ -41,29 +39,20 @@ def test_an_expected_failure():
 """
 
 
-def run_in_ci(tmp_path: Path) -> str:
-    (tmp_path / "conftest.py").write_text(CONFTEST)
-    (tmp_path / "test_skips.py").write_text(TESTS)
-    env = dict(os.environ)
-    env.update(PYTHONPATH=str(ROOT), CI="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+def test_in_ci_only_expected_skips_pass(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_skips=TESTS)
+    monkeypatch.setenv("CI", "1")
+    result = pytester.runpytest_inprocess(
+        "-q", "-rA", "-p", "no:cacheprovider", "-p", "no:hypothesispytest"
     )
-    return done.stdout
-
-
-def test_in_ci_only_expected_skips_pass(tmp_path: Path) -> None:
-    out = run_in_ci(tmp_path)
+    out = result.stdout.str()
     assert "FAILED test_skips.py::test_a_plain_skip" in out, out
     assert "ERROR test_skips.py::test_a_marker_skip" in out, out
     assert "FAILED test_skips.py::test_a_missing_server" in out, out
     assert "not for this run: set CELERY_EXCLUSIVE_SLOW=1" in out, out
     assert "not for this run: the memory:// store cannot do it" in out, out
     assert "XFAIL test_skips.py::test_an_expected_failure" in out, out
-    assert "2 failed, 2 skipped, 1 xfailed, 1 error" in out, out
+    result.assert_outcomes(failed=2, skipped=2, xfailed=1, errors=1)
