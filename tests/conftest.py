@@ -36,13 +36,13 @@ from celery_exclusive.renewal import get_renewer
 from .pg import PostgresServer, postgres_bin_dir, shared_postgres_url
 from .servers import RedisServer, redis_server_binary
 
-IN_CI = bool(os.environ.get("CI"))
-
 
 def in_ci() -> bool:
     """Whether ``CI`` is set (read each time: a test of these rules sets it for a moment)."""
     return bool(os.environ.get("CI"))
 
+
+IN_CI = in_ci()
 
 SLOW = bool(os.environ.get("CELERY_EXCLUSIVE_SLOW"))
 
@@ -82,34 +82,29 @@ def skip_unless_supported(store: Store, method: str, what: str) -> None:
         expected_skip(f"the {store.backend.describe()} store cannot {what} (it refuses to)")
 
 
-def _skip_reason(longrepr: object) -> str:
-    if isinstance(longrepr, tuple) and len(longrepr) == 3:
-        return str(longrepr[2]).removeprefix("Skipped: ")
-    return str(longrepr)
+def _fail_an_unexpected_skip_in_ci(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if not (in_ci() and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    reason = str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if not reason.startswith(EXPECTED):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where only expected skips may pass: {reason}"
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """In CI, a skip that is not an expected one (see :func:`expected_skip`) is a failure."""
     outcome: Any = yield
-    report = outcome.get_result()
-    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
-        reason = _skip_reason(report.longrepr)
-        if not reason.startswith(EXPECTED):
-            report.outcome = "failed"
-            report.longrepr = f"skipped in CI, where only expected skips may pass: {reason}"
+    _fail_an_unexpected_skip_in_ci(outcome.get_result())
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
     """The same for a whole module skipped at import (``importorskip``)."""
     outcome: Any = yield
-    report = outcome.get_result()
-    if in_ci() and report.skipped:
-        reason = _skip_reason(report.longrepr)
-        if not reason.startswith(EXPECTED):
-            report.outcome = "failed"
-            report.longrepr = f"skipped in CI, where only expected skips may pass: {reason}"
+    _fail_an_unexpected_skip_in_ci(outcome.get_result())
 
 
 @pytest.fixture(autouse=True)
