@@ -36,11 +36,12 @@ def test_second_owner_is_refused_and_told_who_holds(store: Store) -> None:
     assert first.acquire()
     second = store.lease("job")
     assert not second.acquire()
-    assert second.holder is not None
-    assert second.holder["task_id"] == "abc"
-    assert second.holder["token"] == first.token
-    assert second.holder["fence"] == first.fence
-    assert 0 < second.holder["expires_in"] <= first.ttl
+    holder = second.holder
+    assert holder is not None
+    assert holder.meta["task_id"] == "abc"
+    assert holder.token == first.token
+    assert holder.fence == first.fence
+    assert 0 < holder.expires_in <= first.ttl
     first.release()
 
 
@@ -299,11 +300,11 @@ def test_a_stale_renewal_reply_does_not_mark_a_newer_grant_lost(store: Store) ->
     lost: list[str] = []
     lease = store.lease("job", ttl=30, auto_renew=False, on_lost=lambda _l, r: lost.append(r))
     lease.acquire()
-    stale_generation = lease.generation
+    stale_generation = lease._generation
     # When the owner releases and acquires again before the (refused) reply is applied
     lease.release()
     lease.acquire()
-    lease.mark_lost("renewal refused: the store no longer had it", stale_generation)
+    lease._mark_lost("renewal refused: the store no longer had it", stale_generation)
     # Then the new grant is untouched
     assert lost == []
     assert lease.held
