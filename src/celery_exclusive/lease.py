@@ -23,9 +23,10 @@ What lives here: :class:`LeaseSpec` (what a lease is asked for: built and valida
 :meth:`celery_exclusive.Store.lease`) and :class:`Lease` (one lease's state and policy).
 
 This module and :mod:`celery_exclusive.renewal` are one pair and use each other's private
-names: the renewer reads a lease's ``_backend``, ``_spec``, ``_grant``, ``_hold_until``,
-``_next_renewal`` and ``_renew_request``, writes ``_next_renewal``, and reports back through
-``_renewed`` and ``_mark_lost``. Nothing else touches them; a user sees only the public face.
+names: the renewer reads a lease's ``_backend``, ``_spec``, ``_grant``, ``_generation``,
+``_hold_until``, ``_next_renewal`` and ``_renew_request``, writes ``_next_renewal``, and reports
+back through ``_renewed`` and ``_mark_lost``; the lease calls :meth:`Renewer.add` and
+:meth:`Renewer.discard`. Nothing else touches them; a user sees only the public face.
 """
 
 from __future__ import annotations

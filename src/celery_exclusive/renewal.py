@@ -32,8 +32,9 @@ leases are the parent's to renew (Celery prefork children are forked from the wo
 
 This module and :mod:`celery_exclusive.lease` are one pair and use each other's private names
 (listed in ``lease``'s docstring): the renewer reads a lease's grant and schedule
-(``_grant``, ``_hold_until``, ``_next_renewal``, ``_renew_request``, ``_backend``, ``_spec``)
-and reports through ``_renewed`` and ``_mark_lost``; a lease calls the renewer's public
+(``_grant``, ``_generation``, ``_hold_until``, ``_next_renewal``, ``_renew_request``,
+``_backend``, ``_spec``) and reports through ``_renewed`` and ``_mark_lost``, each told the
+grant's generation it was sent for; a lease calls the renewer's public
 :meth:`Renewer.add` and :meth:`Renewer.discard`.
 """
 
