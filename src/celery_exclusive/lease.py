@@ -36,9 +36,8 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import events, forking
 from .backends.base import Conflict, Grant, Holder, RenewRequest, encode_meta
@@ -54,13 +53,14 @@ __all__ = ["Lease", "LeaseSpec"]
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class LeaseSpec:
+class LeaseSpec(NamedTuple):
     """What a lease is asked for, validated once by :meth:`celery_exclusive.Store.lease`.
 
     ``meta`` is the holder metadata as the store keeps it (host, pid and limit included);
     ``token`` is decided here, before the lease exists. See :meth:`~celery_exclusive.Store.lease`
-    for what each field means.
+    for what each field means. Frozen, and read by name only; a named tuple rather than a
+    frozen dataclass because a lease is made for every run of a protected task, and a tuple
+    is built in a third of the time.
     """
 
     key: str

@@ -294,6 +294,9 @@ _renewer_lock = threading.Lock()
 def get_renewer() -> Renewer:
     """Return this process's renewer, creating it on first use."""
     global _renewer
+    renewer = _renewer
+    if renewer is not None:  # the lock only for the first use (one lookup per lease made)
+        return renewer
     with _renewer_lock:
         if _renewer is None:
             _renewer = Renewer()
