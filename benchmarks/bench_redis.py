@@ -814,7 +814,7 @@ def bench_renewal(
     if not _wait_for(lambda: renewer.round_trips > rt_before, ttl):
         raise RuntimeError("the renewer sent nothing within one ttl")
     if not _wait_for(
-        lambda: min(le.next_renewal for le in leases) > time.monotonic() + interval / 2, ttl
+        lambda: min(le._next_renewal for le in leases) > time.monotonic() + interval / 2, ttl
     ):
         raise RuntimeError("the first renewal round trip did not complete")
     rt0, (wire0, cmds0) = renewer.round_trips, counter.snapshot()
@@ -1343,7 +1343,7 @@ def bench_scale_renewal(
     # Acquired over seconds, the leases fall due at different times; the renewer draws them
     # into one batch within a few intervals. Measure only once it has.
     def in_step() -> bool:
-        due = [le.next_renewal for le in leases]
+        due = [le._next_renewal for le in leases]
         return max(due) - min(due) < ttl / 6 and min(due) > time.monotonic() + interval / 2
 
     if not _wait_for(in_step, min(FILL_TIMEOUT, 20 * ttl)):

@@ -18,23 +18,29 @@ and of the one the fence answers::
     t=30   A's lease expires; B acquires (fence 8) and writes with fence 8
     t=40   A resumes and writes with fence 7: the resource, having seen 8, refuses 7.
            A's release() returns False and frees nothing; A's ensure_held() raises.
+
+What lives here: :class:`LeaseSpec` (what a lease is asked for: built and validated once, by
+:meth:`celery_exclusive.Store.lease`) and :class:`Lease` (one lease's state and policy).
+
+This module and :mod:`celery_exclusive.renewal` are one pair and use each other's private
+names: the renewer reads a lease's ``_backend``, ``_spec``, ``_grant``, ``_generation``,
+``_hold_until``, ``_next_renewal`` and ``_renew_request``, writes ``_next_renewal``, and reports
+back through ``_renewed`` and ``_mark_lost``; the lease calls :meth:`Renewer.add` and
+:meth:`Renewer.discard`. Nothing else touches them; a user sees only the public face.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import secrets
-import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import events, forking
-from .backends.base import Conflict, Holder, RenewRequest, encode_meta
+from .backends.base import Conflict, Grant, Holder, RenewRequest, encode_meta
 from .exceptions import AlreadyHeld, BackendError, ConfigurationError, LeaseLost, Timeout
 from .releasing import release_soon, settle
 
@@ -42,11 +48,31 @@ if TYPE_CHECKING:
     from .backends.base import Backend
     from .renewal import Renewer
 
-__all__ = ["Lease"]
+__all__ = ["Lease", "LeaseSpec"]
 
 logger = logging.getLogger(__name__)
 
-_HOST = socket.gethostname()
+
+class LeaseSpec(NamedTuple):
+    """What a lease is asked for, validated once by :meth:`celery_exclusive.Store.lease`.
+
+    ``meta`` is the holder metadata as the store keeps it (host, pid and limit included);
+    ``token`` is decided here, before the lease exists. See :meth:`~celery_exclusive.Store.lease`
+    for what each field means. Frozen, and read by name only; a named tuple rather than a
+    frozen dataclass because a lease is made for every run of a protected task, and a tuple
+    is built in a third of the time.
+    """
+
+    key: str
+    ttl: float
+    limit: int
+    meta: dict[str, Any]
+    token: str
+    max_hold: float | None = None
+    blocking: bool | None = None
+    timeout: float | None = None
+    auto_renew: bool = True
+    on_lost: Callable[[Lease, str], object] | None = None
 
 
 class Lease:
@@ -68,57 +94,76 @@ class Lease:
                 lease.release()
     """
 
-    def __init__(
-        self,
-        backend: Backend,
-        key: str,
-        *,
-        ttl: float,
-        limit: int = 1,
-        meta: Mapping[str, Any] | None = None,
-        token: str | None = None,
-        max_hold: float | None = None,
-        blocking: bool | None = None,
-        timeout: float | None = None,
-        auto_renew: bool = True,
-        on_lost: Callable[[Lease, str], object] | None = None,
-        renewer: Renewer | None = None,
-    ) -> None:
-        self.backend = backend
-        self.key = key
-        self.ttl = ttl
-        self.limit = limit
-        self.token = token or secrets.token_hex(16)
-        # The store keeps each holder's limit with it, to refuse a caller with another one.
-        self.meta: dict[str, Any] = {
-            "host": _HOST,
-            "pid": os.getpid(),
-            **(meta or {}),
-            "limit": limit,
-        }
-        self._meta_json = encode_meta(self.meta)
-        self.max_hold = max_hold
-        self.blocking = blocking
-        self.timeout = timeout
-        self.auto_renew = auto_renew
-        self.on_lost = on_lost
+    # Slots: a lease is made for every run of a protected task.
+    __slots__ = (
+        "__weakref__",
+        "_acquired_wall",
+        "_backend",
+        "_deadline",
+        "_epoch",
+        "_fence",
+        "_generation",
+        "_grant",
+        "_hold_until",
+        "_holders",
+        "_lock",
+        "_lost_reason",
+        "_meta_json",
+        "_next_renewal",
+        "_renew_request",
+        "_renewer",
+        "_spec",
+    )
+
+    def __init__(self, backend: Backend, spec: LeaseSpec, renewer: Renewer | None = None) -> None:
+        self._backend = backend
+        self._spec = spec
         self._renewer = renewer
+        self._meta_json = encode_meta(spec.meta)
         self._lock = threading.Lock()
         self._epoch = forking.epoch()  # the process (fork) the grant belongs to
         self._fence: int | None = None
         self._deadline = 0.0  # monotonic time our grant surely lasts until
-        self._acquired_at = 0.0  # monotonic time of the grant
+        self._hold_until = math.inf  # monotonic time the grant reaches max_hold
+        self._acquired_wall = 0.0  # wall-clock time of the grant (for ``holder``)
         self._lost_reason: str | None = None
         self._holders: Sequence[Holder] = ()
-        self.next_renewal = math.inf  # monotonic; read and written by the renewer
+        self._next_renewal = math.inf  # monotonic; read and written by the renewer
         # Counts grants. A renewal reply is applied only to the grant it was sent for:
         #   renewer sends renew(k) -> owner releases k -> store answers "not held"
         #   -> owner acquires k again -> the stale "not held" must not mark the new grant lost.
-        self.generation = 0
+        self._generation = 0
         # (generation, _deadline) as one tuple, replaced whole under the lock whenever either
         # changes: the renewer reads it for every lease held, often, without taking the lock.
         self._grant: tuple[int, float] = (0, 0.0)
-        self._renew_request = RenewRequest(self.key, self.token, self.ttl)
+        self._renew_request = RenewRequest(spec.key, spec.token, spec.ttl)
+
+    # -- what it is -----------------------------------------------------------------------
+
+    @property
+    def key(self) -> str:
+        """The key this lease is on."""
+        return self._spec.key
+
+    @property
+    def ttl(self) -> float:
+        """Seconds a grant lasts without renewal."""
+        return self._spec.ttl
+
+    @property
+    def limit(self) -> int:
+        """How many holders the key allows at once (1: a lock)."""
+        return self._spec.limit
+
+    @property
+    def token(self) -> str:
+        """The owner token: the same token asking again is the same owner."""
+        return self._spec.token
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The holder metadata the store keeps with the grant (host, pid and limit included)."""
+        return self._spec.meta
 
     # -- state ----------------------------------------------------------------------------
 
@@ -147,27 +192,35 @@ class Lease:
         )
 
     @property
-    def meta_json(self) -> str:
-        """The holder metadata as the store keeps it (compact JSON text)."""
-        return self._meta_json
-
-    @property
     def lost_reason(self) -> str | None:
         """Why the lease was lost, or None."""
         return self._lost_reason
 
     @property
-    def holder(self) -> dict[str, Any] | None:
-        """Who holds the key: ourselves while held, else the first holder seen at the
-        last refused acquire (task id, host, pid, fence, expiry...), else None."""
+    def holder(self) -> Holder | None:
+        """Who holds the key: ourselves while held, else the first holder seen at the last
+        refused acquire, else None.
+
+        Our own entry is as this process sees it: ``expires_in`` counts to the local deadline,
+        and the times are this host's clock.
+        """
         if self.held:
-            return {"token": self.token, "fence": self._fence, **self.meta}
-        return self._holders[0].as_dict() if self._holders else None
+            now = time.monotonic()
+            renewed = time.time() - (now - (self._deadline - self._spec.ttl))
+            return Holder(
+                token=self._spec.token,
+                fence=self._fence or 0,
+                expires_in=max(self._deadline - now, 0.0),
+                acquired_at=self._acquired_wall,
+                renewed_at=renewed,
+                meta=self._spec.meta,
+            )
+        return self._holders[0] if self._holders else None
 
     @property
-    def holders(self) -> list[dict[str, Any]]:
+    def holders(self) -> list[Holder]:
         """Every holder seen at the last refused acquire (several for a semaphore)."""
-        return [h.as_dict() for h in self._holders]
+        return list(self._holders)
 
     # -- operations -----------------------------------------------------------------------
 
@@ -195,46 +248,24 @@ class Lease:
             if not isinstance(timeout, (int, float)) or math.isnan(timeout) or timeout < 0:
                 raise ConfigurationError(f"timeout must be a number >= 0 or None, not {timeout!r}")
             blocking = True if blocking is None else blocking
-        if blocking is None:
-            blocking = False
         deadline = None if timeout is None else time.monotonic() + timeout
-        settle(self.backend, self.key)  # a release of ours still on its way: let it land
+        settle(self._backend, self._spec.key)  # a release of ours still on its way: let it land
         while True:
             sent = time.monotonic()
             waits = 0.0 if not blocking else 3600.0 if deadline is None else deadline - sent
-            if take_over is not None:
-                result = self.backend.take_over(
-                    self.key,
-                    take_over,
-                    self.token,
-                    ttl=self.ttl,
-                    limit=self.limit,
-                    meta=self._meta_json,
-                    wait=max(waits, 0.0),
-                )
-                take_over = None  # moved, or nothing was there to move
-            else:
-                result = self.backend.acquire(
-                    self.key,
-                    self.token,
-                    ttl=self.ttl,
-                    limit=self.limit,
-                    meta=self._meta_json,
-                    wait=max(waits, 0.0),
-                )
+            result = self._ask(max(waits, 0.0), take_over)
+            take_over = None  # moved, or nothing was there to move
             if not isinstance(result, Conflict):
                 self._granted(result.fence, sent)
                 return True
-            self._holders = result.holders
-            logger.debug("lease %r is held by %s", self.key, self.holder)
-            events.lease_conflict.send(lease=self, holders=list(result.holders))
+            self._refused(result)
             if not blocking:
                 return False
             remaining = math.inf if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 return False
             # Woken by a release; else re-check just after the earliest holder's expiry.
-            self.backend.wait(self.key, min(remaining, result.retry_in + 0.002))
+            self._backend.wait(self._spec.key, min(remaining, result.retry_in + 0.002))
 
     def release(self) -> bool:
         """Give the lease back; return True if we still held it in the store.
@@ -244,7 +275,7 @@ class Lease:
         """
         if not self._end_grant():
             return False
-        released = self.backend.release(self.key, self.token)
+        released = self._backend.release(self._spec.key, self._spec.token)
         events.lease_released.send(lease=self, released=released)
         return released
 
@@ -268,28 +299,15 @@ class Lease:
             if then is not None:
                 then(released)
 
-        release_soon(self.backend, self.key, self.token, self.ttl, done)
-
-    def _end_grant(self) -> bool:
-        """Forget the grant locally and stop renewing it; return whether there was one."""
-        self._check_fork()
-        with self._lock:
-            was_granted = self._fence is not None and self._deadline > 0
-            self._set_deadline(0.0)
-        if self._renewer is not None:
-            self._renewer.discard(self)
-        return was_granted
+        spec = self._spec
+        release_soon(self._backend, spec.key, spec.token, spec.ttl, done)
 
     def detach(self) -> None:
         """Stop renewing and forget the grant locally, leaving it in the store to expire.
 
         For hand-overs: a lease that another party (a queued message) now owns.
         """
-        self._check_fork()
-        with self._lock:
-            self._set_deadline(0.0)
-        if self._renewer is not None:
-            self._renewer.discard(self)
+        self._end_grant()
 
     def renew(self) -> bool:
         """Extend the lease by ``ttl`` now; return False (and mark it lost) if it is gone."""
@@ -297,11 +315,11 @@ class Lease:
         if self._fence is None or self._deadline == 0.0 or self._lost_reason is not None:
             return False
         sent = time.monotonic()
-        (ok,) = self.backend.renew([self._renew_request])
+        (ok,) = self._backend.renew([self._renew_request])
         if ok:
-            self.renewed(sent)
+            self._renewed(sent)
         else:
-            self.mark_lost("the store no longer had it (expired, or released by force)")
+            self._mark_lost("the store no longer had it (expired, or released by force)")
         return ok
 
     def ensure_held(self) -> None:
@@ -315,23 +333,25 @@ class Lease:
                 reason = "it was released"
             else:
                 reason = "it expired before it could be renewed"
-            raise LeaseLost(f"lease on {self.key!r} is not held: {reason}", key=self.key)
+            key = self._spec.key
+            raise LeaseLost(f"lease on {key!r} is not held: {reason}", key=key)
 
     # -- context manager ------------------------------------------------------------------
 
     def __enter__(self) -> Lease:
-        blocking = self.timeout is not None if self.blocking is None else self.blocking
-        if self.acquire(blocking=blocking, timeout=self.timeout):
+        spec = self._spec
+        blocking = spec.timeout is not None if spec.blocking is None else spec.blocking
+        if self.acquire(blocking=blocking, timeout=spec.timeout):
             return self
         if blocking:
             raise Timeout(
-                f"could not acquire {self.key!r} within {self.timeout} s",
-                key=self.key,
-                timeout=self.timeout,
+                f"could not acquire {spec.key!r} within {spec.timeout} s",
+                key=spec.key,
+                timeout=spec.timeout,
             )
-        raise AlreadyHeld(
-            f"{self.key!r} is held by {self.holder}", key=self.key, holder=self.holder
-        )
+        holder = self.holder
+        shown = holder.as_dict() if holder is not None else None
+        raise AlreadyHeld(f"{spec.key!r} is held by {shown}", key=spec.key, holder=shown)
 
     def __exit__(
         self,
@@ -346,56 +366,74 @@ class Lease:
                 raise
             # Don't hide the body's own error behind a release failure; the lease expires.
             logger.warning(
-                "releasing %r failed; it will expire in %s s", self.key, self.ttl, exc_info=True
+                "releasing %r failed; it will expire in %s s",
+                self._spec.key,
+                self._spec.ttl,
+                exc_info=True,
             )
 
-    # -- called by the renewer ------------------------------------------------------------
+    def __repr__(self) -> str:
+        state = (
+            "held" if self.held else (f"lost: {self._lost_reason}" if self._lost_reason else "free")
+        )
+        return f"<Lease {self._spec.key!r} fence={self._fence} {state}>"
 
-    def renewed(self, sent: float, generation: int | None = None) -> None:
-        """Record a successful renewal sent at monotonic time ``sent`` for ``generation``."""
-        with self._lock:  # the renewer calls this for every lease held, every interval
-            if generation is not None and generation != self.generation:
-                return
-            if self._deadline > 0 and self._lost_reason is None:
-                self._deadline = deadline = sent + self.ttl
-                self._grant = (self.generation, deadline)
-                self.next_renewal = sent + self.ttl / 3
+    # -- the grant ------------------------------------------------------------------------
 
-    def mark_lost(self, reason: str, generation: int | None = None) -> None:
-        """Mark the lease lost: log at WARNING, fire ``lease_lost`` and ``on_lost``.
+    def _ask(self, wait: float, take_over: str | None) -> Grant | Conflict:
+        """One acquire (or take-over) round trip: a Grant or a Conflict."""
+        spec = self._spec
+        if take_over is not None:
+            return self._backend.take_over(
+                spec.key,
+                take_over,
+                spec.token,
+                ttl=spec.ttl,
+                limit=spec.limit,
+                meta=self._meta_json,
+                wait=wait,
+            )
+        return self._backend.acquire(
+            spec.key, spec.token, ttl=spec.ttl, limit=spec.limit, meta=self._meta_json, wait=wait
+        )
 
-        With ``generation``, only if the lease is still at that grant (see ``generation``).
-        """
+    def _granted(self, fence: int, sent: float) -> None:
+        spec = self._spec
         with self._lock:
-            if generation is not None and generation != self.generation:
-                return
-            if self._lost_reason is not None or self._deadline == 0.0:
-                return
-            self._lost_reason = reason
+            if self._deadline == 0.0 or self._lost_reason is not None:  # a new grant
+                self._generation += 1
+                self._acquired_wall = time.time()
+                if spec.max_hold is not None:
+                    self._hold_until = sent + spec.max_hold
+            self._fence = fence
+            self._set_deadline(sent + spec.ttl)
+            self._lost_reason = None
+            self._holders = ()
+            self._next_renewal = sent + spec.ttl / 3
+        if spec.auto_renew and self._renewer is not None:
+            self._renewer.add(self)
+        events.lease_acquired.send(lease=self)
+
+    def _refused(self, conflict: Conflict) -> None:
+        self._holders = conflict.holders
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("lease %r is held by %s", self._spec.key, self.holder)
+        events.lease_conflict.send(lease=self, holders=list(conflict.holders))
+
+    def _end_grant(self) -> bool:
+        """Forget the grant locally and stop renewing it; return whether there was one."""
+        self._check_fork()
+        with self._lock:
+            was_granted = self._fence is not None and self._deadline > 0
+            self._set_deadline(0.0)
         if self._renewer is not None:
             self._renewer.discard(self)
-        logger.warning(
-            "lease on %r lost: %s (holder %s, fence %s)", self.key, reason, self.meta, self._fence
-        )
-        events.lease_lost.send(lease=self, reason=reason)
-        if self.on_lost is not None:
-            try:
-                self.on_lost(self, reason)
-            except Exception:
-                logger.exception("on_lost callback of lease %r failed", self.key)
-
-    def grant_deadline(self) -> tuple[int, float]:
-        """The current grant's ``generation`` and local deadline (monotonic; 0 when free)."""
-        return self._grant
-
-    def renew_request(self) -> RenewRequest:
-        """What the store is asked to renew this lease's current grant by."""
-        return self._renew_request
+        return was_granted
 
     def _set_deadline(self, deadline: float) -> None:
         """Set the grant's local deadline (call with the lock held)."""
         self._deadline = deadline
-        self._grant = (self.generation, deadline)
+        self._grant = (self._generation, deadline)
 
     def _check_fork(self) -> None:
         """In a process forked since the grant, forget it: it is the parent's (rule 6)."""
@@ -405,35 +443,43 @@ class Lease:
         self._epoch = forking.epoch()
         if self._deadline > 0.0:
             self._lost_reason = "it was granted to the process this one was forked from"
-            self.generation += 1
+            self._generation += 1
             self._set_deadline(0.0)
-            self.next_renewal = math.inf
+            self._next_renewal = math.inf
 
-    def past_max_hold(self, now: float) -> bool:
-        """Whether ``max_hold`` seconds have passed since the grant."""
-        return now >= self.max_hold_at()
+    # -- called by the renewer (see the module docstring) ---------------------------------
 
-    def max_hold_at(self) -> float:
-        """When (monotonic) the grant reaches ``max_hold`` (infinity without one)."""
-        return math.inf if self.max_hold is None else self._acquired_at + self.max_hold
+    def _renewed(self, sent: float, generation: int | None = None) -> None:
+        """Record a successful renewal sent at monotonic time ``sent`` for ``generation``."""
+        with self._lock:  # the renewer calls this for every lease held, every interval
+            if generation is not None and generation != self._generation:
+                return
+            if self._deadline > 0 and self._lost_reason is None:
+                ttl = self._spec.ttl
+                self._deadline = deadline = sent + ttl
+                self._grant = (self._generation, deadline)
+                self._next_renewal = sent + ttl / 3
 
-    def _granted(self, fence: int, sent: float) -> None:
+    def _mark_lost(self, reason: str, generation: int | None = None) -> None:
+        """Mark the lease lost: log at WARNING, fire ``lease_lost`` and ``on_lost``.
+
+        With ``generation``, only if the lease is still at that grant (see ``_generation``).
+        """
         with self._lock:
-            if self._deadline == 0.0 or self._lost_reason is not None:
-                self._acquired_at = sent
-                self.generation += 1
-            self._fence = fence
-            self._set_deadline(sent + self.ttl)
-            self._renew_request = RenewRequest(self.key, self.token, self.ttl)
-            self._lost_reason = None
-            self._holders = ()
-            self.next_renewal = sent + self.ttl / 3
-        if self.auto_renew and self._renewer is not None:
-            self._renewer.add(self)
-        events.lease_acquired.send(lease=self)
-
-    def __repr__(self) -> str:
-        state = (
-            "held" if self.held else (f"lost: {self._lost_reason}" if self._lost_reason else "free")
+            if generation is not None and generation != self._generation:
+                return
+            if self._lost_reason is not None or self._deadline == 0.0:
+                return
+            self._lost_reason = reason
+        if self._renewer is not None:
+            self._renewer.discard(self)
+        spec = self._spec
+        logger.warning(
+            "lease on %r lost: %s (holder %s, fence %s)", spec.key, reason, spec.meta, self._fence
         )
-        return f"<Lease {self.key!r} fence={self._fence} {state}>"
+        events.lease_lost.send(lease=self, reason=reason)
+        if spec.on_lost is not None:
+            try:
+                spec.on_lost(self, reason)
+            except Exception:
+                logger.exception("on_lost callback of lease %r failed", spec.key)

@@ -2,7 +2,7 @@
 
 No Celery import here: the Celery integration reads these, and so can any other integration.
 
-``hold``: when a lease is held (see ARCHITECTURE):
+``hold``: when a lease is held (docs/celery.md, "When leases are held", says more):
 
     running             taken when the task starts, released when it ends (default)
     queued              taken at enqueue, released when the task starts
@@ -60,6 +60,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .exceptions import ConfigurationError
+from .validate import optional_seconds, seconds
 
 __all__ = ["HOLDS", "ON_CONFLICT", "ON_DUPLICATE", "TASK_OPTION_NAMES", "TaskOptions"]
 
@@ -116,10 +117,9 @@ class TaskOptions:
                 f"(one running plus one pending), not {self.hold!r}"
             )
         for name in ("ttl", "wait_timeout", "retry_countdown", "retry_max_countdown"):
-            _seconds(name, getattr(self, name))
+            seconds(f"exclusive option {name}", getattr(self, name))
         for name in ("max_hold", "queue_ttl"):
-            if getattr(self, name) is not None:
-                _seconds(name, getattr(self, name))
+            optional_seconds(f"exclusive option {name}", getattr(self, name))
         v = self.retry_backoff
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 1:
             raise ConfigurationError(f"exclusive option retry_backoff must be >= 1, not {v!r}")
@@ -198,16 +198,6 @@ def _choice(name: str, value: object, choices: Sequence[str]) -> None:
         raise ConfigurationError(
             f"exclusive option {name} must be one of {', '.join(choices)}; not {value!r}"
         )
-
-
-def _seconds(name: str, value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(f"exclusive option {name} must be seconds > 0, not {value!r}")
 
 
 TASK_OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in fields(TaskOptions))

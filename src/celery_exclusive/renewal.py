@@ -29,6 +29,13 @@ What happens when renewal fails::
 Threads are created lazily in the process that first holds a lease. In a forked child every
 renewer starts empty (see ``forking``): a thread does not survive ``fork()`` and the parent's
 leases are the parent's to renew (Celery prefork children are forked from the worker).
+
+This module and :mod:`celery_exclusive.lease` are one pair and use each other's private names
+(listed in ``lease``'s docstring): the renewer reads a lease's grant and schedule
+(``_grant``, ``_generation``, ``_hold_until``, ``_next_renewal``, ``_renew_request``,
+``_backend``, ``_spec``) and reports through ``_renewed`` and ``_mark_lost``, each told the
+grant's generation it was sent for; a lease calls the renewer's public
+:meth:`Renewer.add` and :meth:`Renewer.discard`.
 """
 
 from __future__ import annotations
@@ -81,7 +88,7 @@ class Renewer:
         """Start renewing ``lease`` (idempotent)."""
         with self._cond:
             self._leases[id(lease)] = lease
-            self._idle_interval = min(self._idle_interval, max(lease.ttl / 3, 0.05))
+            self._idle_interval = min(self._idle_interval, max(lease._spec.ttl / 3, 0.05))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="celery-exclusive-renewer", daemon=True
@@ -89,7 +96,7 @@ class Renewer:
                 self._thread.start()
             # Wake the thread only if this lease is due before it would wake anyway: with
             # many leases held, waking it (and its scan) on every acquire costs every acquire.
-            self._wake_by(min(lease.next_renewal, lease.max_hold_at()))
+            self._wake_by(min(lease._next_renewal, lease._hold_until))
 
     def discard(self, lease: Lease) -> None:
         """Stop renewing ``lease`` (idempotent)."""
@@ -110,7 +117,7 @@ class Renewer:
         while True:
             try:
                 for lease, generation, reason in self._schedule():
-                    lease.mark_lost(reason, generation)
+                    lease._mark_lost(reason, generation)
             except Exception:  # the thread must survive anything
                 logger.exception("lease renewal scheduling failed")
                 time.sleep(0.1)
@@ -145,13 +152,13 @@ class Renewer:
                 # This loop runs over every lease held, a few times per renewal interval:
                 # each call saved here counts with 10,000 leases.
                 for lease in list(self._leases.values()):
-                    generation, deadline = lease.grant_deadline()
-                    ttl = lease.ttl  # reported lost min(ttl / 10, 0.5) s before the deadline
+                    generation, deadline = lease._grant
+                    ttl = lease._spec.ttl  # reported lost min(ttl / 10, 0.5) s before the deadline
                     give_up = deadline - (ttl / 10 if ttl < 5.0 else 0.5)
-                    hold_until = lease.max_hold_at()
+                    hold_until = lease._hold_until
                     reason = None
-                    if now >= hold_until:  # lease.past_max_hold(now)
-                        reason = _MAX_HOLD.format(lease.max_hold, lease.ttl)
+                    if now >= hold_until:  # max_hold reached
+                        reason = _MAX_HOLD.format(lease._spec.max_hold, ttl)
                     elif give_up <= now:
                         reason = _OVERDUE
                     if reason is not None:
@@ -162,7 +169,7 @@ class Renewer:
                         wake = give_up
                     if hold_until < wake:
                         wake = hold_until
-                    store = id(lease.backend)
+                    store = id(lease._backend)
                     if store not in busy:
                         due.setdefault(store, []).append(lease)
                 for leases in due.values():
@@ -170,8 +177,8 @@ class Renewer:
                     if earliest > now:
                         wake = min(wake, earliest)
                         continue
-                    batch = [le for le in leases if le.next_renewal <= now + le.ttl / 6]
-                    self._sender_for(batch[0].backend).send(batch)
+                    batch = [le for le in leases if le._next_renewal <= now + le._spec.ttl / 6]
+                    self._sender_for(batch[0]._backend).send(batch)
                 self._wake_at = wake
                 if lost:
                     return lost
@@ -253,26 +260,26 @@ class _Sender:
                 )
                 now = time.monotonic()
                 for lease in batch:
-                    lease.next_renewal = now + _retry_in(lease.ttl)
-                next_due = min(lease.next_renewal for lease in batch)
+                    lease._next_renewal = now + _retry_in(lease._spec.ttl)
+                next_due = min(lease._next_renewal for lease in batch)
             finally:
                 self._renewer._renewed(self, next_due)
 
     def _renew(self, leases: list[Lease]) -> float:
         """Renew ``leases`` in one request; return when the earliest of them is next due."""
         sent = time.monotonic()
-        generations = [lease.generation for lease in leases]
+        generations = [lease._generation for lease in leases]
         self._renewer.round_trips += 1
-        results = self._backend.renew([lease.renew_request() for lease in leases])
+        results = self._backend.renew([lease._renew_request for lease in leases])
         for lease, generation, ok in zip(leases, generations, results, strict=True):
             if ok:
-                lease.renewed(sent, generation)
+                lease._renewed(sent, generation)
             else:
-                lease.mark_lost("renewal refused: the store no longer had it", generation)
-        return sent + min(lease.ttl for lease in leases) / 3
+                lease._mark_lost("renewal refused: the store no longer had it", generation)
+        return sent + min(lease._spec.ttl for lease in leases) / 3
 
 
-_next_renewal = operator.attrgetter("next_renewal")
+_next_renewal = operator.attrgetter("_next_renewal")
 
 
 def _retry_in(ttl: float) -> float:
@@ -287,6 +294,9 @@ _renewer_lock = threading.Lock()
 def get_renewer() -> Renewer:
     """Return this process's renewer, creating it on first use."""
     global _renewer
+    renewer = _renewer
+    if renewer is not None:  # the lock only for the first use (one lookup per lease made)
+        return renewer
     with _renewer_lock:
         if _renewer is None:
             _renewer = Renewer()

@@ -16,16 +16,19 @@ Nothing touches the network until the first operation.
 
 from __future__ import annotations
 
-import math
+import os
 import re
+import secrets
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .backends import registry
 from .backends.base import Backend, Holder, LeaseInfo
 from .exceptions import ConfigurationError
-from .lease import Lease
+from .lease import Lease, LeaseSpec
 from .renewal import Renewer, get_renewer
+from .validate import optional_seconds, seconds
 
 __all__ = ["DEFAULT_TTL", "MAX_KEY_LENGTH", "SCHEMES", "Store", "connect", "validate_url"]
 
@@ -57,19 +60,8 @@ def validate_key(key: object) -> str:
     return key
 
 
-def _seconds(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(f"{name} must be a number of seconds > 0, not {value!r}")
-    return float(value)
-
-
-def _optional_seconds(name: str, value: object) -> float | None:
-    return None if value is None else _seconds(name, value)
+#: Every holder's metadata names its host (and pid).
+_HOST = socket.gethostname()
 
 
 class Store:
@@ -92,7 +84,7 @@ class Store:
         renewer: Renewer | None = None,
     ) -> None:
         self.backend = backend
-        self.default_ttl = _seconds("default_ttl", default_ttl)
+        self.default_ttl = seconds("default_ttl", default_ttl)
         self._renewer = renewer
 
     @property
@@ -124,9 +116,10 @@ class Store:
         (a ``timeout`` alone means blocking; ``blocking=True`` alone waits without limit).
         ``auto_renew``: renew in the background while held. ``on_lost``: called with
         ``(lease, reason)`` when renewal finds the lease gone.
+
+        Every argument is checked here, once, into the lease's :class:`LeaseSpec`.
         """
         validate_key(key)
-        ttl_s = _seconds("ttl", self.default_ttl if ttl is None else ttl)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigurationError(f"limit must be an int >= 1, not {limit!r}")
         if meta is not None and not isinstance(meta, Mapping):
@@ -135,20 +128,20 @@ class Store:
             _validate_token(token)
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
             raise ConfigurationError(f"timeout must be a number >= 0 or None, not {timeout!r}")
-        return Lease(
-            self.backend,
-            key,
-            ttl=ttl_s,
+        spec = LeaseSpec(
+            key=key,
+            ttl=self.default_ttl if ttl is None else seconds("ttl", ttl),
             limit=limit,
-            meta=meta,
-            token=token,
-            max_hold=_optional_seconds("max_hold", max_hold),
+            # The store keeps each holder's limit with it, to refuse a caller with another one.
+            meta={"host": _HOST, "pid": os.getpid(), **(meta or {}), "limit": limit},
+            token=token or secrets.token_hex(16),
+            max_hold=optional_seconds("max_hold", max_hold),
             blocking=blocking,
             timeout=timeout,
             auto_renew=auto_renew,
             on_lost=on_lost,
-            renewer=self.renewer,
         )
+        return Lease(self.backend, spec, self.renewer)
 
     def holders(self, key: str) -> list[Holder]:
         """Return the live holders of ``key`` (empty when free)."""

@@ -16,6 +16,7 @@ from celery_exclusive import (
     Timeout,
     events,
 )
+from celery_exclusive.backends.base import Holder
 from celery_exclusive.renewal import Renewer
 
 from ..conftest import expected_skip, lacks, skip_unless_supported
@@ -36,11 +37,12 @@ def test_second_owner_is_refused_and_told_who_holds(store: Store) -> None:
     assert first.acquire()
     second = store.lease("job")
     assert not second.acquire()
-    assert second.holder is not None
-    assert second.holder["task_id"] == "abc"
-    assert second.holder["token"] == first.token
-    assert second.holder["fence"] == first.fence
-    assert 0 < second.holder["expires_in"] <= first.ttl
+    holder = second.holder
+    assert holder is not None
+    assert holder.meta["task_id"] == "abc"
+    assert holder.token == first.token
+    assert holder.fence == first.fence
+    assert 0 < holder.expires_in <= first.ttl
     first.release()
 
 
@@ -95,6 +97,37 @@ def test_same_token_asking_again_keeps_its_fence(store: Store) -> None:
     assert again.acquire()
     assert again.fence == lease.fence
     lease.release()
+
+
+def test_holders_are_holder_objects_as_the_store_lists_them(store: Store) -> None:
+    # Given a semaphore with two holders
+    first = store.lease("pool", limit=3, meta={"task_id": "a"})
+    second = store.lease("pool", limit=3, meta={"task_id": "b"})
+    assert first.acquire() and second.acquire()
+    # Then a holder sees itself as a Holder, as this process knows it
+    mine = first.holder
+    assert isinstance(mine, Holder)
+    assert (mine.token, mine.fence, mine.meta["task_id"]) == (first.token, first.fence, "a")
+    assert 0 < mine.expires_in <= first.ttl
+    # And a refused caller sees the same Holder objects that Store.holders lists
+    third = store.lease("pool", limit=3)
+    assert third.acquire()
+    fourth = store.lease("pool", limit=3)
+    assert not fourth.acquire()
+    assert all(isinstance(h, Holder) for h in fourth.holders)
+    listed = {h.token: h.meta for h in store.holders("pool")}
+    assert {h.token: h.meta for h in fourth.holders} == listed
+    for lease in (first, second, third):
+        lease.release()
+
+
+def test_a_lease_keeps_the_token_it_was_made_with(store: Store) -> None:
+    lease = store.lease("job", token="owner-1")
+    with pytest.raises(AttributeError):
+        lease.token = "owner-2"  # type: ignore[misc]
+    assert lease.acquire()
+    assert [h.token for h in store.holders("job")] == ["owner-1"]
+    assert lease.release()
 
 
 def test_semaphore_admits_limit_holders(store: Store) -> None:
@@ -299,11 +332,11 @@ def test_a_stale_renewal_reply_does_not_mark_a_newer_grant_lost(store: Store) ->
     lost: list[str] = []
     lease = store.lease("job", ttl=30, auto_renew=False, on_lost=lambda _l, r: lost.append(r))
     lease.acquire()
-    stale_generation = lease.generation
+    stale_generation = lease._generation
     # When the owner releases and acquires again before the (refused) reply is applied
     lease.release()
     lease.acquire()
-    lease.mark_lost("renewal refused: the store no longer had it", stale_generation)
+    lease._mark_lost("renewal refused: the store no longer had it", stale_generation)
     # Then the new grant is untouched
     assert lost == []
     assert lease.held

@@ -248,7 +248,7 @@ def test_the_store_works_on_the_migrated_tables(database: Database, store: Store
     assert first.acquire()
     second = store.lease("job")
     assert not second.acquire()
-    assert second.holder is not None and second.holder["task_id"] == "t-1"
+    assert second.holder is not None and second.holder.meta["task_id"] == "t-1"
     assert first.release()
     assert second.acquire()
     assert first.fence is not None and second.fence is not None

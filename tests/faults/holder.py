@@ -49,7 +49,7 @@ def hold(args: argparse.Namespace) -> int:
 
     lease = store.lease(args.key, ttl=args.ttl, meta={"role": "holder"}, on_lost=on_lost)
     if not lease.acquire(blocking=True, timeout=args.timeout):
-        say("NOT_ACQUIRED", json.dumps(lease.holder))
+        say("NOT_ACQUIRED", json.dumps(lease.holder and lease.holder.as_dict()))
         return 2
     say("ACQUIRED", lease.fence, lease.token)
     for line in sys.stdin:

@@ -43,7 +43,7 @@ def cycle(store: Store, key: str) -> None:
     assert lease.acquire()
     other = store.lease(key, ttl=30, auto_renew=False)
     assert not other.acquire()
-    assert other.holder is not None and other.holder["token"] == lease.token
+    assert other.holder is not None and other.holder.token == lease.token
     assert lease.release()
     assert not lease.release()  # a second release finds nothing
 

@@ -471,7 +471,7 @@ class LeaseModel(RuleBasedStateMachine):
     def _lost(self, rec: Owned, reason: str) -> None:
         now = time.monotonic()
         lease = rec.lease
-        rec.lost.append((lease.generation, now, reason))
+        rec.lost.append((lease._generation, now, reason))
         key, token = lease.key, lease.token
         with self.model.lock:
             t = self.model.tracks[key].get(token)
@@ -494,7 +494,7 @@ class LeaseModel(RuleBasedStateMachine):
 
     def _granted(self, rec: Owned, sent: float) -> None:
         rec.state = "granted"
-        rec.generation = rec.lease.generation
+        rec.generation = rec.lease._generation
         rec.granted_sent = sent
         rec.granted_end = time.monotonic()
         rec.unheld_since = None
@@ -827,7 +827,7 @@ class LeaseModel(RuleBasedStateMachine):
         assert not self.spurious, self.spurious
         for key, limit in self.limits.items():
             recs = [r for r in self.owned.values() if r.key == key]
-            before = [(r.lease.held, r.lease.generation) for r in recs]
+            before = [(r.lease.held, r.lease._generation) for r in recs]
             # What the model knew before the read and what it knows after: other threads
             # (waiters, the renewal thread) may finish calls while the read is in flight, and
             # the read may have seen the store before or after such a call.
@@ -844,7 +844,7 @@ class LeaseModel(RuleBasedStateMachine):
             end = time.monotonic()
             possible_after = self.model.possible_tokens(key, start)
             fences_after = self.model.fences(key)
-            after = [(r.lease.held, r.lease.generation) for r in recs]
+            after = [(r.lease.held, r.lease._generation) for r in recs]
             tokens = {h.token: h for h in holders}
             assert len(holders) <= limit, (
                 f"{len(holders)} holders of {key} (limit {limit}): {sorted(tokens)}"
@@ -884,9 +884,9 @@ class LeaseModel(RuleBasedStateMachine):
         if held and not in_store and track.forced_end <= rec.granted_sent:
             # Allow for a lease just at its local deadline: held a moment later means the
             # deadline was not reached, so the store must have had it.
-            generation = lease.generation
+            generation = lease._generation
             time.sleep(MARGIN)
-            assert not (lease.held and lease.generation == generation), (
+            assert not (lease.held and lease._generation == generation), (
                 f"{rec.key} of owner {rec.owner} is held (fence {lease.fence}) but its token "
                 "is not in the store"
             )
@@ -902,7 +902,7 @@ class LeaseModel(RuleBasedStateMachine):
                 continue
             if rec.unheld_since is None:
                 rec.unheld_since = now
-            reported = any(gen == rec.lease.generation for gen, _, _ in rec.lost)
+            reported = any(gen == rec.lease._generation for gen, _, _ in rec.lost)
             bound = rec.lease.ttl + 1.0
             if not reported and not self.stalled and now - rec.unheld_since > bound:
                 raise AssertionError(
@@ -995,7 +995,7 @@ class LeaseModel(RuleBasedStateMachine):
                 continue
 
             def reported(rec: Owned = rec) -> bool:
-                return rec.lease.held or any(g == rec.lease.generation for g, _, _ in rec.lost)
+                return rec.lease.held or any(g == rec.lease._generation for g, _, _ in rec.lost)
 
             try:
                 wait_until(reported, rec.lease.ttl + 1.5, "the loss to be reported")

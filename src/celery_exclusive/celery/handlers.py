@@ -27,7 +27,10 @@ from ..exceptions import ExclusiveError
 from ..releasing import get_releaser
 from . import signals as exclusive_signals
 from .config import store_for
-from .task import ExclusiveTask, _enqueue_key, _header
+from .keying import call_options
+from .message import enqueue_key, read_header
+from .run import pending_release
+from .task import ExclusiveTask
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +48,15 @@ def release_on_revoke(
     if not isinstance(sender, ExclusiveTask) or request is None:
         return
     task_id = str(getattr(request, "id", "") or "")
-    header = _header(request)
+    header = read_header(request)
     try:
-        opts = sender._options(header.get("opts"))
+        opts = call_options(sender, header.get("opts"))
         key = header.get("key") or sender.exclusive_key(
             getattr(request, "args", None), getattr(request, "kwargs", None), header.get("opts")
         )
         backend = store_for(sender.app).backend
         if opts.locks_at_enqueue:
-            backend.release(_enqueue_key(key, opts), task_id)
+            backend.release(enqueue_key(key, opts), task_id)
         pid = _terminated_pid(task_id) if terminated else None
         if pid is not None and opts.has_run_lease:
             for holder in backend.holders(key):
@@ -80,12 +83,9 @@ def release_after_run(sender: Any = None, task_id: Any = None, task: Any = None,
     """Release the run lease of an acks_late task once Celery has stored its result."""
     if not isinstance(task, ExclusiveTask):
         return
-    request = task.request
-    pending = getattr(request, "_exclusive_release", None)
-    if pending is not None:
-        request._exclusive_release = None
-        lease, key = pending
-        task._release_soon(lease, str(task_id), key)
+    run = pending_release(task.request)
+    if run is not None:
+        run.release_soon()
 
 
 def release_scheduled_on_revoke(**_: Any) -> None:

@@ -39,7 +39,8 @@ from ..exceptions import ConfigurationError
 from ..options import TaskOptions
 from ..store import validate_url
 from .config import find_url
-from .task import ExclusiveTask, _key_builder
+from .keying import key_builder
+from .task import ExclusiveTask
 
 __all__ = ["CheckConfiguration", "check_app", "register_check", "validate_app"]
 
@@ -68,7 +69,7 @@ def check_app(app: Any, pool: str | None = None) -> list[str]:
         for task in protected:
             try:
                 options = TaskOptions.build(settings.task_defaults, task.exclusive_options)
-                _key_builder(type(task), options.key, task.name)
+                key_builder(type(task), options.key, task.name)
             except ConfigurationError as exc:
                 problems.append(f"task {task.name!r}: {exc}")
                 continue
