@@ -15,7 +15,6 @@ one place this rule lives. Nothing here touches the network.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -23,6 +22,7 @@ from typing import Any
 
 from .backends.url_options import key_prefix, query_items
 from .exceptions import ConfigurationError
+from .validate import seconds
 
 __all__ = ["DEFAULT_PREFIX", "Settings", "celery_fallback_url", "check_lookup"]
 
@@ -63,9 +63,7 @@ class Settings:
             raise ConfigurationError(
                 f"exclusive enabled must be true or false, not {self.enabled!r}"
             )
-        q = self.queue_ttl
-        if isinstance(q, bool) or not isinstance(q, (int, float)) or not math.isfinite(q) or q <= 0:
-            raise ConfigurationError(f"exclusive queue_ttl must be seconds > 0, not {q!r}")
+        seconds("exclusive queue_ttl", self.queue_ttl)
         if not isinstance(self.task_defaults, Mapping):
             raise ConfigurationError("exclusive task defaults must be a mapping")
 

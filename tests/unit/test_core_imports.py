@@ -2,7 +2,8 @@
 
 The layers (docs/architecture.md), from the bottom:
 
-- the **foundation**, ``exceptions``, ``forking`` and ``embedded``: imported by everything;
+- the **foundation**, ``exceptions``, ``forking``, ``embedded`` and ``validate``: imported by
+  everything;
 - the **backends**, ``backends/``: a few atomic operations each; they import the foundation
   and each other, never the lease core nor an integration; no Celery; no Django either, except
   the Django-cache store (``backends/django_cache``);
@@ -34,7 +35,7 @@ import celery_exclusive
 PACKAGE = "celery_exclusive"
 SOURCE = Path(celery_exclusive.__file__).parent
 
-FOUNDATION = {f"{PACKAGE}.{name}" for name in ("exceptions", "forking", "embedded")}
+FOUNDATION = {f"{PACKAGE}.{name}" for name in ("exceptions", "forking", "embedded", "validate")}
 BACKENDS = f"{PACKAGE}.backends"
 #: The modules (and sub-packages) of the integrations layer.
 INTEGRATIONS = {f"{PACKAGE}.{name}" for name in ("celery", "contrib", "compat", "demo", "cli")}

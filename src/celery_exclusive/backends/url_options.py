@@ -14,11 +14,12 @@ names the option and the (password-free) URL.
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from .. import validate
 from ..exceptions import ConfigurationError
 
 __all__ = [
@@ -68,18 +69,16 @@ def boolean(name: str, value: object) -> bool:
 
 
 def seconds(name: str, value: object) -> float:
-    """A finite number of seconds > 0 (a number, or its text in a query)."""
-    number: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
+    """A finite number of seconds > 0 (a number, or its text in a query): the core's rule,
+    :func:`celery_exclusive.validate.seconds`, after reading the text."""
+    number = value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):  # text that is no number is refused below
             number = float(value)
-        except ValueError:
-            number = None
-    if number is None or not math.isfinite(number) or number <= 0:
-        raise ConfigurationError(f"{name} must be a number of seconds > 0, not {value!r}")
-    return number
+    try:
+        return validate.seconds(name, number)
+    except ConfigurationError:
+        raise ConfigurationError(f"{name} must be a number of seconds > 0, not {value!r}") from None
 
 
 def positive_int(name: str, value: object) -> int:

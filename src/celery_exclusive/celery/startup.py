@@ -38,7 +38,7 @@ from ..config import Settings, check_lookup
 from ..exceptions import ConfigurationError
 from ..options import TaskOptions
 from ..store import validate_url
-from .config import find_url
+from .config import NO_STORE, find_url
 from .keying import key_builder
 from .task import ExclusiveTask
 
@@ -90,10 +90,7 @@ def check_app(app: Any, pool: str | None = None) -> list[str]:
             setting = "exclusive_url" if given else "the result backend / broker URL"
             problems.append(f"{setting}: {exc}")
     elif url is None and protected and enabled:
-        problems.append(
-            "no store: set exclusive_url (CELERY_EXCLUSIVE_URL in Django) to redis://... or "
-            "postgresql://..., or use a Redis result backend or broker"
-        )
+        problems.append(NO_STORE)
     return problems
 
 

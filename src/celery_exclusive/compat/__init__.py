@@ -20,7 +20,6 @@ honoured.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import weakref
 from collections.abc import Mapping
@@ -70,18 +69,6 @@ def adopt_settings(app: Any, values: Mapping[str, Any], source: str) -> None:
             ours[name] = (value, source)
     if changed:
         reset(app)  # settings and store are cached per app and process
-
-
-def _check_seconds(name: str, value: object) -> float:
-    """``value`` as seconds > 0, or ConfigurationError naming ``name``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(f"{name} must be seconds > 0, not {value!r}")
-    return float(value)
 
 
 class MigratedTask(ExclusiveTask):

@@ -63,7 +63,8 @@ from celery.result import EagerResult
 
 from ..exceptions import AlreadyQueued as _AlreadyQueued
 from ..exceptions import ConfigurationError
-from . import MigratedTask, _check_seconds, adopt_settings
+from ..validate import seconds as check_seconds
+from . import MigratedTask, adopt_settings
 
 __all__ = ["AlreadyQueued", "QueueOnce"]
 
@@ -225,7 +226,7 @@ def _check_once(value: object, *, per_call: bool) -> dict[str, Any]:
     ):
         raise ConfigurationError(f"once 'keys' must be a list of argument names, not {keys!r}")
     if value.get("timeout") is not None:
-        _check_seconds("once 'timeout'", value["timeout"])
+        check_seconds("once 'timeout'", value["timeout"])
     return dict(value)
 
 
@@ -268,7 +269,7 @@ def _once_settings(app: Any) -> float | None:
             "leases in its own store; remove ONCE['backend'] and set exclusive_url"
         )
     timeout = settings.get("default_timeout")
-    return None if timeout is None else _check_seconds("ONCE default_timeout", timeout)
+    return None if timeout is None else check_seconds("ONCE default_timeout", timeout)
 
 
 def _warn_once(app: Any, message: str) -> None:

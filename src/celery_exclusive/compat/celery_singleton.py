@@ -60,7 +60,8 @@ from typing import Any
 from ..celery.config import store_for
 from ..exceptions import AlreadyQueued, ConfigurationError, ExclusiveError
 from ..keys import glob_escape
-from . import MigratedTask, _check_seconds, adopt_settings
+from ..validate import seconds as check_seconds
+from . import MigratedTask, adopt_settings
 
 __all__ = ["CelerySingletonException", "DuplicateTaskError", "Singleton", "clear_locks"]
 
@@ -129,7 +130,7 @@ class Singleton(MigratedTask):
     def _migrated(cls) -> dict[str, Any]:
         _check_unique_on(cls.unique_on)
         if cls.lock_expiry is not None:
-            _check_seconds("lock_expiry", cls.lock_expiry)
+            check_seconds("lock_expiry", cls.lock_expiry)
         if cls.raise_on_duplicate is not None and not isinstance(cls.raise_on_duplicate, bool):
             raise ConfigurationError(
                 f"raise_on_duplicate must be True, False or None, not {cls.raise_on_duplicate!r}"
@@ -156,7 +157,7 @@ class Singleton(MigratedTask):
         if self.lock_expiry is not None:
             return float(self.lock_expiry)
         value = self.app.conf.get("singleton_lock_expiry")
-        return None if value is None else _check_seconds("singleton_lock_expiry", value)
+        return None if value is None else check_seconds("singleton_lock_expiry", value)
 
     def apply_async(
         self,
