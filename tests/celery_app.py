@@ -21,6 +21,7 @@ import redis
 from celery import Celery
 from celery.exceptions import Ignore, Reject
 
+from celery_exclusive import Lease
 from celery_exclusive.celery import ExclusiveTask, exclusive
 
 from .workers import redis_transport_options
@@ -114,11 +115,12 @@ def read_history(tag: str) -> list[dict[str, Any]]:
 
 def record(task: Any, key: str, tag: str, duration: float) -> int | None:
     """Record one execution of ``task`` that works for ``duration`` seconds."""
-    lease = task.exclusive
+    lease: Lease | None = task.exclusive
+    fence = lease.fence if lease else None
     entry: dict[str, Any] = {
         "id": task.request.id,
         "key": key,
-        "fence": lease.fence if lease else None,
+        "fence": fence,
         "pid": os.getpid(),
         "retries": task.request.retries,
         "start": time.monotonic_ns() / 1e9,
@@ -130,7 +132,7 @@ def record(task: Any, key: str, tag: str, duration: float) -> int | None:
         time.sleep(min(0.02, max(deadline - time.monotonic(), 0)))
     entry["end"] = time.monotonic_ns() / 1e9
     client.rpush(history_key(tag), json.dumps(entry))
-    return entry["fence"]
+    return fence
 
 
 @app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["customer_id"]})
@@ -190,9 +192,10 @@ def import_both(self: Any, customer_id: int, tag: str = "", duration: float = 0.
 @app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["customer_id"], "hold": "until_done"})
 def flaky(self: Any, customer_id: int, tag: str = "", fail_times: int = 2) -> int:
     record(self, f"flaky:{customer_id}", tag, 0.05)
-    if self.request.retries < fail_times:
+    retries: int = self.request.retries
+    if retries < fail_times:
         raise self.retry(countdown=0.2, max_retries=5)
-    return self.request.retries
+    return retries
 
 
 @app.task(bind=True, base=ExclusiveTask, exclusive={"key": ["n"]})

@@ -26,7 +26,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import pytest
 
@@ -53,14 +53,14 @@ EXPECTED = "not for this run: "
 SLOW_ONLY = EXPECTED + "set CELERY_EXCLUSIVE_SLOW=1 for the long run"
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str) -> NoReturn:
     """Fail in CI, skip locally: a missing server must never pass silently in CI."""
     if in_ci():
         pytest.fail(f"{reason} (CI is set, so this is a failure)")
     pytest.skip(reason)
 
 
-def expected_skip(reason: str) -> None:
+def expected_skip(reason: str) -> NoReturn:
     """Skip a case that cannot apply to this run, even in CI (never for a missing server).
 
     Such as a store without an optional feature (it refuses it; a test says so), or a server

@@ -93,7 +93,8 @@ class Worker:
 
     def children(self) -> list[psutil.Process]:
         try:
-            return psutil.Process(self.pid).children(recursive=True)
+            children: list[psutil.Process] = psutil.Process(self.pid).children(recursive=True)
+            return children
         except psutil.NoSuchProcess:
             return []
 

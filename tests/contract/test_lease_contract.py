@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import cast
 
 import pytest
 
@@ -47,11 +49,11 @@ def test_second_owner_is_refused_and_told_who_holds(store: Store) -> None:
 
 
 def test_fences_rise_with_every_grant(store: Store) -> None:
-    fences = []
+    fences: list[int] = []
     for _ in range(5):
         lease = store.lease("job")
         assert lease.acquire()
-        fences.append(lease.fence)
+        fences.append(cast(int, lease.fence))  # granted: not None
         lease.release()
     assert fences == sorted(fences) and len(set(fences)) == 5
 
@@ -349,7 +351,7 @@ def test_a_store_refuses_the_optional_steps_it_cannot_do_atomically(store: Store
         expected_skip(f"the {store.backend.describe()} store does every optional step")
     # A store that cannot do a step atomically says so, rather than faking it
     backend = store.backend
-    refusals = {
+    refusals: dict[str, tuple[str, Callable[[], object]]] = {
         "update_meta": ("cannot update a holder", lambda: backend.update_meta("k", "t", "{}")),
         "take": ("cannot hand a lease over", lambda: backend.take("k", "t")),
         "hand_over": (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from django.conf import settings
 from django.core.management import call_command
@@ -206,7 +208,7 @@ def test_django_cache_url_parameters_are_checked() -> None:
     ],
 )
 def test_a_bad_option_names_itself_and_the_url(
-    url: str, options: dict[str, object], name: str
+    url: str, options: dict[str, Any], name: str
 ) -> None:
     with pytest.raises(ConfigurationError, match=name) as info:
         connect(url, **options)

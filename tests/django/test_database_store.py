@@ -100,7 +100,9 @@ def _postgres(url: str) -> Database:
     import psycopg
 
     parts = urlsplit(url)
-    libpq = {k: v for k, v in parse_qsl(parts.query) if k != "table"}
+    # libpq parameters (str), passed as psycopg.connect's **kwargs: Any, as mypy cannot tell
+    # them apart from connect's own keyword arguments
+    libpq: dict[str, Any] = {k: v for k, v in parse_qsl(parts.query) if k != "table"}
     server = parts._replace(query="").geturl()
     schema = f"cex_django_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server, autocommit=True, **libpq) as admin:

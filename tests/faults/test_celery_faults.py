@@ -19,7 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import pytest
@@ -81,7 +81,10 @@ class Lane:
         return task.apply_async(args, kwargs, queue=self.queue)
 
     def started(self) -> list[str]:
-        raw = ca.history_client().lrange(ca.history_key(self.tag) + ":started", 0, -1)
+        # a client without decode_responses: its replies are bytes
+        raw = cast(
+            list[bytes], ca.history_client().lrange(ca.history_key(self.tag) + ":started", 0, -1)
+        )
         return [x.decode() for x in raw]
 
     def history(self) -> list[dict[str, Any]]:
@@ -122,7 +125,8 @@ def wait_free(key: str, timeout: float) -> float:
 def wait_dead(pid: int, timeout: float = 10) -> None:
     def dead() -> bool:
         try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            zombie: bool = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            return zombie
         except psutil.NoSuchProcess:
             return True
 
@@ -273,7 +277,9 @@ def test_a_long_task_redelivered_many_times_never_fails_nor_runs_again(lane: Lan
     # and the body ran once
     assert "FAILURE" not in seen, (seen, worker.output()[-6000:])
     assert result.get(timeout=1) == n
-    started = [x.decode() for x in cc.notes().lrange(cc.note_key(lane.tag, "started"), 0, -1)]
+    # a client without decode_responses: its replies are bytes
+    raw = cast(list[bytes], cc.notes().lrange(cc.note_key(lane.tag, "started"), 0, -1))
+    started = [x.decode() for x in raw]
     assert started == [result.id], f"{len(started)} runs for {deliveries} deliveries"
     assert settled
 

@@ -92,7 +92,8 @@ def read_lines(fd: int, count: int, timeout: float) -> list[str]:
 def alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie does not)."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        running: bool = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return running
     except psutil.NoSuchProcess:
         return False
 
@@ -296,9 +297,9 @@ def test_a_parent_killed_after_a_fork_loses_its_lease_though_the_child_lives(
             word, _, rest = line.partition(" ")
             words[word] = rest
         grandchild = int(words.get("child") or 0)
-        code = reap(middle, CHILD_DEADLINE)
+        middle_code = reap(middle, CHILD_DEADLINE)
         died_at = time.monotonic()
-        assert code == 0, f"the parent of the fork failed ({code}); lines: {lines}"
+        assert middle_code == 0, f"the parent of the fork failed ({middle_code}); lines: {lines}"
         assert "child-ready" in words, f"the child never got its own leases; lines: {lines}"
 
         # When the parent is dead and its child lives on

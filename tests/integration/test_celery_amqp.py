@@ -13,9 +13,11 @@ import random
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
-from kombu import Connection, Exchange, Queue
+from kombu.connection import Connection  # where kombu defines them: its root re-exports lazily
+from kombu.entity import Exchange, Queue
 
 from celery_exclusive.celery import is_skipped
 from celery_exclusive.celery.config import store_for
@@ -33,11 +35,12 @@ AMQP_ENV = "CELERY_EXCLUSIVE_TEST_AMQP_URL"
 
 def _delete_own_queue(url: str, name: str) -> None:
     """Delete the queue and exchange this module created (and nothing else)."""
+    # (kombu leaves Connection, Exchange, Queue and their methods unannotated)
     try:
-        with Connection(url, connect_timeout=5) as conn:
+        with Connection(url, connect_timeout=5) as conn:  # type: ignore[no-untyped-call]
             channel = conn.channel()
-            Queue(name, Exchange(name, "direct"), name, channel=channel).delete()
-            Exchange(name, "direct", channel=channel).delete()
+            Queue(name, Exchange(name, "direct"), name, channel=channel).delete()  # type: ignore[no-untyped-call]
+            Exchange(name, "direct", channel=channel).delete()  # type: ignore[no-untyped-call]
     except Exception as exc:  # cleanup must not hide the test's own outcome
         print(f"could not delete queue {name!r}: {exc!r}")
 
@@ -50,11 +53,11 @@ def amqp_env(request: pytest.FixtureRequest) -> Iterator[CeleryEnv]:
         # Not a server the suite can start: .ci/run names one when the machine runs RabbitMQ.
         expected_skip(f"set {AMQP_ENV}=amqp://user:password@host:5672// to run")
     assert url is not None
-    probe = Connection(url, connect_timeout=5)
+    probe = Connection(url, connect_timeout=5)  # type: ignore[no-untyped-call]  # kombu's
     shown = probe.as_uri()  # the password masked
     try:
         with probe:
-            probe.ensure_connection(max_retries=1)
+            probe.ensure_connection(max_retries=1)  # type: ignore[no-untyped-call]  # kombu's
     except Exception as exc:
         unavailable(f"{AMQP_ENV}={shown} is not reachable: {exc!r}")
     own_redis: RedisServer = request.getfixturevalue("own_redis")
@@ -116,7 +119,8 @@ def test_bursts_over_amqp_never_overlap(
         skipped = sum(1 for v in values if is_skipped(v))
         assert len(history) + skipped == len(results), (len(history), skipped, len(results))
         assert sorted(h["id"] for h in history) == sorted(ran)
-        raw = ca.history_client().lrange(ca.history_key(tag) + ":started", 0, -1)
+        # a client without decode_responses: its replies are bytes
+        raw = cast(list[bytes], ca.history_client().lrange(ca.history_key(tag) + ":started", 0, -1))
         assert not [i for i, n in Counter(x.decode() for x in raw).items() if n > 1]
         # no two runs of one key overlapped, fences rose in start order
         check_history(history)

@@ -16,7 +16,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -96,7 +96,9 @@ def holders(key: str) -> list[Any]:
 
 
 def started(tag: str) -> list[str]:
-    return [x.decode() for x in cc.notes().lrange(cc.note_key(tag, "started"), 0, -1)]
+    # a client without decode_responses: its replies are bytes
+    raw = cast(list[bytes], cc.notes().lrange(cc.note_key(tag, "started"), 0, -1))
+    return [x.decode() for x in raw]
 
 
 def wait_started(tag: str, task_id: str, timeout: float = 15) -> None:

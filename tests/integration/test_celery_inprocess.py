@@ -33,7 +33,8 @@ class CountingConnection(redis.Connection):
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         CountingConnection.sent += 1
-        super().send_packed_command(command, check_health)
+        # redis-py leaves Connection.send_packed_command unannotated
+        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def make_tasks(app: Celery) -> Any:
             lazy=False,
             shared=False,
         )
-        def sync(self: Any, customer_id: int, nested: bool = False) -> Any:
+        def sync(self: ExclusiveTask, customer_id: int, nested: bool = False) -> Any:
             assert self.exclusive is not None and self.exclusive.held
             self.exclusive.ensure_held()
             if nested:
@@ -78,7 +79,7 @@ def make_tasks(app: Celery) -> Any:
             lazy=False,
             shared=False,
         )
-        def flaky(self: Any, n: int) -> int:
+        def flaky(self: ExclusiveTask, n: int) -> int:
             if self.request.retries < 2:
                 raise self.retry(countdown=0.01, max_retries=5)
             return int(self.request.retries)

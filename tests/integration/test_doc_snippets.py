@@ -161,7 +161,7 @@ def _lease_block(block: Snippet, redis_url: str, prefix: str) -> None:
     def write(batch: str, fence: int) -> None:
         written.append((batch, fence))
 
-    namespace = {"run_sync": run_sync, "batches": batches, "write": write}
+    namespace: dict[str, Any] = {"run_sync": run_sync, "batches": batches, "write": write}
     exec(code, namespace)  # as written: the with-block, then acquire, batches, release
     assert store.holders("nightly-sync") == []
     assert store.holders("import:customer=42") == []

@@ -75,7 +75,7 @@ def postgres_and_pgbouncer(request: pytest.FixtureRequest) -> Iterator[tuple[str
     if run_as:
         for name in ("", "users.txt", "pgbouncer.ini"):
             os.chown(os.path.join(directory, name), run_as["user"], run_as["group"])
-    proc = subprocess.Popen(
+    proc: subprocess.Popen[bytes] = subprocess.Popen(
         [binary, os.path.join(directory, "pgbouncer.ini")],
         cwd=directory,
         stdin=subprocess.DEVNULL,

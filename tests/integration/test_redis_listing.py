@@ -8,12 +8,13 @@ key's holders on the way, and that the pipeline copes with a server that lost it
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from typing import cast
 
 import pytest
 
 from celery_exclusive import Store, connect
-from celery_exclusive.backends.base import RenewRequest
+from celery_exclusive.backends.base import LeaseInfo, RenewRequest
 from celery_exclusive.backends.redis import SCAN_BATCH
 from celery_exclusive.renewal import Renewer
 
@@ -78,7 +79,8 @@ def test_listing_more_keys_than_a_scan_batch(store: Store) -> None:
 
     # And a listing stopped early reads the step on its way: its connection is kept for reuse
     kept = len(store.backend._idle)  # type: ignore[attr-defined]
-    first = store.leases()
+    # Store.leases promises an Iterator; on Redis it is RedisBackend.scan's generator
+    first = cast(Generator[LeaseInfo, None, None], store.leases())
     next(first)
     first.close()
     assert len(store.backend._idle) == kept  # type: ignore[attr-defined]

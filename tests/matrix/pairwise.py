@@ -60,9 +60,9 @@ def all_pairs(
         matching = [r for r in pool if all(r[k] == v for k, v in partial.items())]
         if not matching:
             raise ValueError(f"no valid row matches the seed {dict(partial)!r}")
-        best = max(matching, key=lambda r: len(_pairs(r, names) & uncovered))
-        rows.append(best)
-        uncovered -= _pairs(best, names)
+        seeded = max(matching, key=lambda r: len(_pairs(r, names) & uncovered))
+        rows.append(seeded)
+        uncovered -= _pairs(seeded, names)
     # Each round adds one row covering at least one uncovered pair: bounded by len(uncovered).
     for _ in range(len(uncovered) + 1):
         if not uncovered:

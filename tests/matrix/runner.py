@@ -664,8 +664,8 @@ class CaseRun:
             held = self.held()
             holders = {h for names in held.values() for h in names}
             if attempt == 2 or not holders & labels:
-                why = fresh.refused or fresh.returned
-                self.out.fail("I3", f"a fresh call was not accepted: {why}; held: {held}")
+                refusal = fresh.refused or fresh.returned
+                self.out.fail("I3", f"a fresh call was not accepted: {refusal}; held: {held}")
                 return
             self.out.notes.append(f"fresh call waited for a redelivered copy ({holders})")
             del self.calls["c"]
@@ -723,7 +723,8 @@ def _end_of(start: dict[str, Any], events: list[dict[str, Any]]) -> int | None:
 
 def _not_zombie(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        running: bool = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return running
     except psutil.NoSuchProcess:
         return False
 

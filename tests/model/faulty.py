@@ -21,9 +21,9 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from celery_exclusive.backends.base import Backend, Conflict, Grant, Holder, LeaseInfo, RenewRequest
 from celery_exclusive.exceptions import BackendError
@@ -47,6 +47,8 @@ DELAY = "delay"
 DELAY_CAP = 4.0
 
 _ids = itertools.count(1)
+
+_T = TypeVar("_T")
 
 
 class InjectedError(BackendError):
@@ -143,14 +145,15 @@ class FaultyBackend(Backend):
                     return fault
             return None
 
-    def _run(self, call: Call, fn: Any) -> Any:
+    def _run(self, call: Call, fn: Callable[[], _T]) -> _T:
         call.fault = self._take(call)
         if call.fault == FAIL_BEFORE:
             raise InjectedError(f"injected: {call.op} failed before it was sent")
         self.calls_in_this_process.append(call)
         self.listener.begin(call)
         try:
-            call.result = fn()
+            result = fn()
+            call.result = result
         except BaseException as exc:
             call.error = exc
             raise
@@ -167,7 +170,7 @@ class FaultyBackend(Backend):
                 self.delayed_waiting.clear()
         call.delivered = True
         self.listener.delivered(call)
-        return call.result
+        return result
 
     # -- the Backend interface ---------------------------------------------------------------
 

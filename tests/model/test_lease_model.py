@@ -451,12 +451,17 @@ class LeaseModel(RuleBasedStateMachine):
         for owner, ttl in enumerate(OWNER_TTLS):
             for name, key in self.keys.items():
                 rec = Owned(lease=None, owner=owner, key=key)  # type: ignore[arg-type]
+
+                # (a def, not a lambda: mypy cannot type a lambda's default argument)
+                def on_lost(lease: Lease, reason: str, rec: Owned = rec) -> None:
+                    self._lost(rec, reason)
+
                 rec.lease = self.store.lease(
                     key,
                     ttl=ttl,
                     limit=KEYS[name],
                     token=self.tokens[owner],
-                    on_lost=lambda lease, reason, rec=rec: self._lost(rec, reason),
+                    on_lost=on_lost,
                 )
                 self.owned[owner, name] = rec
         self.waiters: list[Waiter] = []

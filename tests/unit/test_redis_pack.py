@@ -11,7 +11,9 @@ from celery_exclusive.backends.redis import _pack
 
 
 def redis_py_packs(commands: list[tuple[Any, ...]]) -> bytes:
-    return b"".join(redis.Connection().pack_commands(commands))
+    # redis-py leaves Connection() and pack_commands unannotated
+    connection = redis.Connection()  # type: ignore[no-untyped-call]
+    return b"".join(connection.pack_commands(commands))  # type: ignore[no-untyped-call]
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,8 @@ class UntouchableBackend(Backend):
     def _touched(self, *args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the store was contacted")
 
-    acquire = release = renew = wait = holders = force_release = _touched  # type: ignore[assignment]
-    mark_done = is_done = _touched  # type: ignore[assignment]
+    acquire = release = renew = wait = holders = force_release = _touched
+    mark_done = is_done = _touched
 
     def scan(self, match: str | None = None) -> Iterator[LeaseInfo]:
         raise AssertionError("the store was contacted")
