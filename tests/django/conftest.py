@@ -139,6 +139,27 @@ def leases(prefix: str) -> Iterator[Any]:
             store.force_release(info.key)
 
 
+@pytest.fixture(params=["database", "redis"])
+def configured_store(request: pytest.FixtureRequest, leases: Any, prefix: str) -> Iterator[Any]:
+    """The configured store: the database cache, or CELERY_EXCLUSIVE_URL on Redis (both under
+    this test's own prefix), for the commands that read the store of the settings."""
+    if request.param == "database":
+        yield leases
+        return
+    from django.test import override_settings
+
+    from celery_exclusive.contrib.django.conf import get_store
+
+    redis_url = request.getfixturevalue("redis_url")
+    with override_settings(
+        CELERY_EXCLUSIVE_CACHE=None, CELERY_EXCLUSIVE_URL=redis_url, CELERY_EXCLUSIVE_PREFIX=prefix
+    ):
+        store = get_store()
+        yield store
+        for info in list(store.leases()):
+            store.force_release(info.key)
+
+
 @pytest.fixture
 def superuser() -> Any:
     from django.contrib.auth.models import User

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,23 +12,13 @@ from django.core.management.base import CommandError
 from django.test import override_settings
 
 from celery_exclusive import Store, connect
-from celery_exclusive.contrib.django.conf import get_store
 
 KEY = "myapp.sync_customer:customer_id=42"
 
 
-@pytest.fixture(params=["database", "redis"])
-def store(request: pytest.FixtureRequest, leases: Store) -> Iterator[Store]:
-    """The configured store: the database cache, or CELERY_EXCLUSIVE_URL on Redis."""
-    if request.param == "database":
-        yield leases
-        return
-    redis_url = request.getfixturevalue("redis_url")
-    with override_settings(CELERY_EXCLUSIVE_CACHE=None, CELERY_EXCLUSIVE_URL=redis_url):
-        store = get_store()
-        yield store
-        for info in list(store.leases()):
-            store.force_release(info.key)
+@pytest.fixture
+def store(configured_store: Store) -> Store:
+    return configured_store
 
 
 def run(*args: str) -> str:

@@ -4,32 +4,16 @@ from __future__ import annotations
 
 import io
 import json
-import uuid
-from collections.abc import Iterator
 
 import pytest
 from django.core.management import call_command
-from django.test import override_settings
 
 from celery_exclusive import Store
-from celery_exclusive.contrib.django.conf import get_store
 
 
-@pytest.fixture(params=["database", "redis"])
-def store(request: pytest.FixtureRequest, leases: Store) -> Iterator[Store]:
-    """The configured store: the database cache, or CELERY_EXCLUSIVE_URL on Redis."""
-    if request.param == "database":
-        yield leases
-        return
-    redis_url = request.getfixturevalue("redis_url")
-    prefix = f"cex-stats-{uuid.uuid4().hex[:8]}"
-    with override_settings(
-        CELERY_EXCLUSIVE_CACHE=None, CELERY_EXCLUSIVE_URL=redis_url, CELERY_EXCLUSIVE_PREFIX=prefix
-    ):
-        store = get_store()
-        yield store
-        for info in list(store.leases()):
-            store.force_release(info.key)
+@pytest.fixture
+def store(configured_store: Store) -> Store:
+    return configured_store
 
 
 def test_manage_py_stats_counts_the_held_leases_per_task(store: Store) -> None:

@@ -354,8 +354,10 @@ def test_forking_while_the_renewer_is_busy_never_deadlocks_the_child(
                 assert spare.held and own.held and mine.held
                 assert own.release() and spare.release() and mine.release()
 
-            # Then no child hangs (each has a deadline, then is killed and the test fails)
-            in_child(child, f"fork {n + 1} of {FORKS}", timeout=10)
+            # Then no child hangs (each has a deadline, then is killed and the test fails; 30 s:
+            # a child once took over 10 s on a 2-core machine at load 7, and a deadlock never
+            # ends, so a longer deadline still finds one)
+            in_child(child, f"fork {n + 1} of {FORKS}", timeout=30)
     finally:
         for lease in leases:
             lease.detach()
