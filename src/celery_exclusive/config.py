@@ -20,15 +20,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from .backends.base import DEFAULT_PREFIX
 from .backends.url_options import key_prefix, query_items
 from .exceptions import ConfigurationError
 from .validate import seconds
 
 __all__ = ["DEFAULT_PREFIX", "Settings", "celery_fallback_url", "check_lookup"]
 
-#: The key prefix the Celery and Django integrations and the CLI use when neither their
-#: settings nor the store URL name one.
-DEFAULT_PREFIX = "exclusive"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}

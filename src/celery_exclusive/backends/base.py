@@ -38,6 +38,11 @@ __all__ = [
 #: again still starts above every fence it ever handed out (see ``docs/guarantees.md``).
 DEFAULT_FENCE_RETENTION = 7 * 24 * 3600.0
 
+#: The first part of every key when none is named: the Redis and Django-cache stores' default,
+#: and what the Celery and Django integrations and the CLI pass when neither their settings nor
+#: the store URL name one (SQL stores default to no prefix of their own).
+DEFAULT_PREFIX = "exclusive"
+
 #: Suffix of the name under which stores that keep marks beside leases (SQL, Django caches)
 #: record :meth:`Backend.mark_done`: ``"<key>{done}"``. Lease keys may not contain braces, so
 #: it can never be a lease's key, and listings leave it out.

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ...exceptions import ConfigurationError
-from ..base import DEFAULT_FENCE_RETENTION, Backend, redact_url
+from ..base import DEFAULT_FENCE_RETENTION, DEFAULT_PREFIX, Backend, redact_url
 from ..url_options import Converter, key_prefix, parse_options, query_items, seconds
 from .common import DEFAULT_POLL, Cells, DjangoCacheBackend, import_django
 from .database import DatabaseCells
@@ -34,7 +34,7 @@ OPTIONS: dict[str, Converter] = {
     "fence_retention": seconds,
 }
 _DEFAULTS = {
-    "prefix": "exclusive",
+    "prefix": DEFAULT_PREFIX,
     "poll": DEFAULT_POLL,
     "fence_retention": DEFAULT_FENCE_RETENTION,
 }
@@ -84,7 +84,7 @@ def _options(
 def backend_for_cache(
     alias: str,
     *,
-    prefix: str = "exclusive",
+    prefix: str = DEFAULT_PREFIX,
     poll: float = DEFAULT_POLL,
     fence_retention: float = DEFAULT_FENCE_RETENTION,
 ) -> Backend:

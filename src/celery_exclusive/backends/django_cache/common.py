@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from ...exceptions import BackendError, ConfigurationError, LimitMismatch
 from ..base import (
     DEFAULT_FENCE_RETENTION,
+    DEFAULT_PREFIX,
     DONE,
     Backend,
     Conflict,
@@ -170,7 +171,7 @@ class DjangoCacheBackend(Backend):
         self,
         cells: Cells,
         *,
-        prefix: str = "exclusive",
+        prefix: str = DEFAULT_PREFIX,
         poll: float = DEFAULT_POLL,
         fence_retention: float = DEFAULT_FENCE_RETENTION,
         description: str = "django-cache",

@@ -18,6 +18,7 @@ from typing import Any
 from ...exceptions import BackendError, LimitMismatch
 from ..base import (
     DEFAULT_FENCE_RETENTION,
+    DEFAULT_PREFIX,
     MAX_LOST_TASKS,
     Backend,
     Conflict,
@@ -90,7 +91,7 @@ class RedisBackend(ScriptCalls, Backend):
         self,
         client: Any,
         *,
-        prefix: str = "exclusive",
+        prefix: str = DEFAULT_PREFIX,
         fence_retention: float = DEFAULT_FENCE_RETENTION,
         description: str | None = None,
     ) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import SplitResult, quote, unquote, urlencode, urlsplit
 
 from ...exceptions import BackendError, ConfigurationError
-from ..base import DEFAULT_FENCE_RETENTION, redact_url
+from ..base import DEFAULT_FENCE_RETENTION, DEFAULT_PREFIX, redact_url
 from ..url_options import Converter, key_prefix, parse_options, query_items, seconds
 from .calls import DEFAULT_SOCKET_TIMEOUT, import_redis
 
@@ -40,7 +40,7 @@ _OPTIONS: dict[str, Converter] = {
     "fence_retention": seconds,
 }
 _DEFAULTS = {
-    "prefix": "exclusive",
+    "prefix": DEFAULT_PREFIX,
     "socket_timeout": DEFAULT_SOCKET_TIMEOUT,
     "fence_retention": DEFAULT_FENCE_RETENTION,
 }
