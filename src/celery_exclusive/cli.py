@@ -6,8 +6,8 @@ script, ``celery -A proj exclusive`` (:mod:`celery_exclusive.celery.cli`, click)
 ``manage.py exclusive`` (the Django command) are all built from that table.
 
 The script's store comes from ``--url``, else ``$CELERY_EXCLUSIVE_URL``; its key prefix from
-``--prefix``, else ``$CELERY_EXCLUSIVE_PREFIX``, else the URL's ``?prefix=`` or the store's own
-default (:meth:`celery_exclusive.config.Settings.from_env`). Tables for people, ``--json``
+``--prefix``, else ``$CELERY_EXCLUSIVE_PREFIX``, else the URL's ``?prefix=``, else ``exclusive``
+(:meth:`celery_exclusive.config.Settings.store_options`). Tables for people, ``--json``
 for scripts. Exit codes: 0 ok, 1 a check or lookup failed (or the store is unreachable, for
 ``stats``), 2 bad usage.
 """
@@ -284,7 +284,7 @@ def _store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prefix",
         help="key prefix (default: $CELERY_EXCLUSIVE_PREFIX, else the URL's ?prefix=, "
-        "else the store's own)",
+        "else exclusive)",
     )
 
 
