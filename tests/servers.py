@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,32 +20,11 @@ from pathlib import Path
 import redis
 
 from celery_exclusive import embedded
+from celery_exclusive.embedded import free_port as free_port
 
 
 class GaveUp(Exception):
     """Raised by a condition to stop ``wait_until`` at once (e.g. the process died)."""
-
-
-def _is_free(port: int) -> bool:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port(*, with_bus: bool = False) -> int:
-    """A free loopback port; ``with_bus``: also port+10000 (Redis Cluster's bus port)."""
-    if not with_bus:
-        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-    for _ in range(200):
-        port = random.randint(20000, 45000)
-        if _is_free(port) and _is_free(port + 10000):
-            return port
-    raise RuntimeError("no free port pair for a cluster node")
 
 
 def wait_until(
@@ -76,7 +53,13 @@ def redis_server_binary() -> str | None:
 class RedisServer:
     """One private redis-server process."""
 
-    def __init__(self, *extra: str, port: int | None = None, directory: str | None = None) -> None:
+    def __init__(
+        self,
+        *extra: str,
+        port: int | None = None,
+        directory: str | None = None,
+        with_bus: bool = False,
+    ) -> None:
         binary = redis_server_binary()
         if binary is None:
             raise RuntimeError(
@@ -84,10 +67,13 @@ class RedisServer:
                 "CELERY_EXCLUSIVE_TEST_REDIS_URL"
             )
         self.binary = binary
-        self.port = port or free_port()
+        self.with_bus = with_bus
+        self.port_was_given = port is not None
+        self.port = port or free_port(with_bus=with_bus)
         self.dir = directory or tempfile.mkdtemp(prefix="cex-redis-")
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False
 
     @property
     def url(self) -> str:
@@ -97,6 +83,18 @@ class RedisServer:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **kwargs)  # type: ignore[arg-type]
 
     def start(self) -> RedisServer:
+        """Start it; on a first start, a port taken meanwhile is swapped for another."""
+        for _ in range(3):
+            try:
+                return self._start()
+            except GaveUp as e:
+                taken = "Address already in use" in str(e)
+                if not taken or self.port_was_given or self.started:
+                    raise
+                self.port = free_port(with_bus=self.with_bus)
+        return self._start()
+
+    def _start(self) -> RedisServer:
         args = [
             self.binary,
             "--port", str(self.port),
@@ -109,6 +107,7 @@ class RedisServer:
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self._ready, 15, f"redis-server on port {self.port}")
+        self.started = True
         return self
 
     def _ready(self) -> bool:
@@ -147,7 +146,7 @@ class RedisCluster:
                 "yes",
                 "--cluster-node-timeout",
                 "2000",
-                port=free_port(with_bus=True),
+                with_bus=True,
             )
             for _ in range(size)
         ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from .exceptions import ConfigurationError
 
-__all__ = ["embedded_redis", "redis_server_binary", "stop_process"]
+__all__ = ["embedded_redis", "ephemeral_ports", "free_port", "redis_server_binary", "stop_process"]
 
 
 def redis_server_binary() -> str | None:
@@ -50,10 +51,39 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
         proc.wait(timeout)
 
 
-def _free_port() -> int:
+def ephemeral_ports() -> tuple[int, int]:
+    """Return the kernel's range of source ports for outgoing connections (Linux; else IANA's)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
+def _is_free(port: int) -> bool:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(*, with_bus: bool = False) -> int:
+    """Return a free loopback port below the ephemeral range (see ``ephemeral_ports``).
+
+    A port in that range, found free and closed again, can be taken by any outgoing
+    connection before the server binds it. ``with_bus``: port+10000 (a Redis Cluster node's
+    bus port) is free and below the range too.
+    """
+    bus = 10000 if with_bus else 0
+    high = ephemeral_ports()[0] - 1 - bus
+    low = min(10000, high - 1000)
+    for _ in range(500):
+        port = random.randint(low, high)
+        if _is_free(port) and (not with_bus or _is_free(port + bus)):
+            return port
+    raise ConfigurationError(f"no free loopback port between {low} and {high}")
 
 
 @contextlib.contextmanager
@@ -66,30 +96,60 @@ def embedded_redis(*, timeout: float = 15.0) -> Iterator[str]:
             "or pass a URL with --redis"
         )
     directory = tempfile.mkdtemp(prefix="celery-exclusive-")
-    port = _free_port()
+    try:
+        for attempt in range(3):
+            port = free_port()
+            proc = _spawn(binary, port, directory)
+            try:
+                _wait_ready(proc, port, directory, timeout)
+                break
+            except _PortTaken:
+                stop_process(proc)
+                if attempt == 2:
+                    message = f"redis-server found no free port (port {port} was taken too)"
+                    raise ConfigurationError(message) from None
+            except BaseException:
+                stop_process(proc)
+                raise
+        try:
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            stop_process(proc)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class _PortTaken(Exception):
+    """The port was found free, then taken before the server bound it."""
+
+
+def _spawn(binary: str, port: int, directory: str) -> subprocess.Popen[bytes]:
     log = os.path.join(directory, "redis.log")
-    proc = subprocess.Popen(
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(log)
+    return subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
          "--save", "", "--appendonly", "no", "--logfile", log],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise ConfigurationError(f"redis-server exited at start: {Path(log).read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise ConfigurationError(f"redis-server did not answer within {timeout} s")
-            time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        stop_process(proc)
-        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], port: int, directory: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            log = Path(directory, "redis.log").read_text()
+            if "Address already in use" in log:
+                raise _PortTaken(port)
+            raise ConfigurationError(f"redis-server exited at start: {log}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise ConfigurationError(f"redis-server did not answer within {timeout} s")
+        time.sleep(0.02)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -80,3 +81,18 @@ def test_a_demo_on_the_users_redis_leaves_it_as_it_found_it(
     assert not left, f"{len(left)} keys left: {left}"
     changed = {k: (before[k], after.get(k)) for k in before if after.get(k) != before[k]}
     assert not changed, changed
+
+
+def test_the_embedded_redis_moves_to_another_port_when_its_first_is_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from celery_exclusive import embedded
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picks = iter([taken.getsockname()[1], embedded.free_port()])
+        monkeypatch.setattr(embedded, "free_port", lambda: next(picks))
+        with embedded.embedded_redis() as url, redis.Redis.from_url(url) as client:
+            assert client.ping()
+            assert url != f"redis://127.0.0.1:{taken.getsockname()[1]}/0"

@@ -18,17 +18,11 @@ from celery_exclusive import connect
 from celery_exclusive.store import Store
 
 from .. import metrics_app as ma
-from ..servers import wait_until
+from ..servers import free_port, wait_until
 from ..workers import Worker, shown_if_failed, wait_for
 from .conftest import CeleryEnv
 
 N_RUNS, M_SKIPPED, K_DUPLICATES = 5, 3, 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
