@@ -91,6 +91,7 @@ class RedisServer:
                 taken = "Address already in use" in str(e)
                 if not taken or self.port_was_given or self.started:
                     raise
+                Path(self.dir, "redis.log").unlink(missing_ok=True)
                 self.port = free_port(with_bus=self.with_bus)
         return self._start()
 
