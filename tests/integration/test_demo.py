@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +15,7 @@ from typing import cast
 import pytest
 import redis
 
-from ..servers import RedisServer
+from ..servers import RedisServer, wait_until
 from ..workers import ROOT
 
 
@@ -96,3 +99,41 @@ def test_the_embedded_redis_moves_to_another_port_when_its_first_is_taken(
         with embedded.embedded_redis() as url, redis.Redis.from_url(url) as client:
             assert client.ping()
             assert url != f"redis://127.0.0.1:{taken.getsockname()[1]}/0"
+
+
+def test_the_demos_killed_task_comes_back_even_if_its_worker_died_inside_kombus_restore_mutex(
+    private_redis: RedisServer,
+) -> None:
+    """Found in CI: the demo waited 90 s for the killed runs' redelivery, which never came.
+
+    Every worker takes kombu's ``unacked_mutex`` for each scan of unacknowledged messages
+    (every second in the demo); a worker killed inside that scan leaves the mutex held for
+    ``unacked_mutex_expire`` (kombu's default: 300 s), and no worker restores anything meanwhile.
+    """
+    from celery import Celery
+    from kombu import Connection
+
+    from celery_exclusive.demo import celery_demo, tasks
+
+    prefix = "exclusive-demo-mutex"
+    events = private_redis.client()
+    with celery_demo._workers(private_redis.url, prefix, 2, 1) as procs:
+        celery_demo._wait_ready(events, prefix, [f"{name}@{tasks.HOST}" for name, _, _ in procs])
+        sender = Celery("sender", broker=private_redis.url)
+        sender.send_task(tasks.sync_customer.name, (7,), {"seconds": 120}, queue=f"{prefix}-queue")
+        wait_until(lambda: events.llen(f"{prefix}:started") == 1, 60, "the task to start")
+        first = json.loads(events.lindex(f"{prefix}:started", 0))  # type: ignore[arg-type]
+        # Its worker dies inside the restore scan: the mutex stays, as kombu took it.
+        options = tasks.app.conf.broker_transport_options
+        with Connection(private_redis.url, transport_options=options) as connection:
+            channel = connection.default_channel
+            mutex = events.lock(channel.unacked_mutex_key, timeout=channel.unacked_mutex_expire)
+            assert mutex.acquire(blocking=False)
+        victim = next(p for name, p, _ in procs if first["worker"].startswith(f"{name}@"))
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+        # The other worker runs the redelivered copy within seconds (visibility timeout 6 s).
+        wait_until(lambda: events.llen(f"{prefix}:started") == 2, 30, "the copy to run again")
+        again = json.loads(events.lindex(f"{prefix}:started", 1))  # type: ignore[arg-type]
+        assert again["id"] == first["id"]
+        sender.close()

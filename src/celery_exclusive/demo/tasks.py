@@ -30,6 +30,9 @@ app.conf.update(
         "visibility_timeout": 6,
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
+        # A worker killed inside its restore scan leaves kombu's mutex held this long (kombu's
+        # default: 300 s, while nothing is restored); the scan itself takes milliseconds.
+        "unacked_mutex_expire": 2,
     },
     task_default_queue=f"{PREFIX}-queue",
     worker_prefetch_multiplier=1,
