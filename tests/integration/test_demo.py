@@ -111,7 +111,6 @@ def test_the_demos_killed_task_comes_back_even_if_its_worker_died_inside_kombus_
     ``unacked_mutex_expire`` (kombu's default: 300 s), and no worker restores anything meanwhile.
     """
     from celery import Celery
-    from kombu import Connection
 
     from celery_exclusive.demo import celery_demo, tasks
 
@@ -124,8 +123,7 @@ def test_the_demos_killed_task_comes_back_even_if_its_worker_died_inside_kombus_
         wait_until(lambda: events.llen(f"{prefix}:started") == 1, 60, "the task to start")
         first = json.loads(events.lindex(f"{prefix}:started", 0))  # type: ignore[arg-type]
         # Its worker dies inside the restore scan: the mutex stays, as kombu took it.
-        options = tasks.app.conf.broker_transport_options
-        with Connection(private_redis.url, transport_options=options) as connection:
+        with tasks.app.connection_for_write(private_redis.url) as connection:
             channel = connection.default_channel
             mutex = events.lock(channel.unacked_mutex_key, timeout=channel.unacked_mutex_expire)
             assert mutex.acquire(blocking=False)
