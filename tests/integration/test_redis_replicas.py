@@ -8,16 +8,19 @@ Sentinel- and Cluster-driven failovers are measured in ``tests/faults``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 
-from celery_exclusive import BackendError, ConfigurationError, connect
+from celery_exclusive import BackendError, ConfigurationError, Store, connect
 from celery_exclusive.backends.base import RenewRequest
 from celery_exclusive.backends.redis import RedisBackend, parse_url
+from celery_exclusive.renewal import Renewer
 
 from ..conftest import started
+from ..faults.conftest import LostLog
 from ..servers import RedisServer, wait_until
 
 
@@ -213,4 +216,30 @@ def test_a_client_given_to_connect_takes_replicas_too(pair: Pair, prefix: str) -
     assert store.lease("job", ttl=5, auto_renew=False).acquire()
     with pytest.raises(ConfigurationError, match="replicas"):
         connect(redis.Redis(port=pair.master.port), replicas=True)
+    store.close()
+
+
+def test_a_lease_whose_renewals_no_replica_confirms_is_lost_before_its_deadline(
+    pair: Pair, prefix: str
+) -> None:
+    # Given a renewed lease confirmed by the replica (ttl 2 s)
+    renewer = Renewer()
+    store = Store(
+        connect(pair.master.url, prefix=prefix, replicas=1, replica_timeout=0.3).backend,
+        renewer=renewer,
+    )
+    lost = LostLog()
+    lease = store.lease("job", ttl=2, on_lost=lost)
+    assert lease.acquire()
+    wait_until(lambda: renewer.round_trips >= 1, 10, "a first confirmed renewal")
+    # When the replica stops confirming (the master still renews the key)
+    cut_at = time.monotonic()
+    pair.cut()
+    # Then the lease is reported lost within its ttl of the cut: a promoted replica, which
+    # has only the confirmed expiry, could free the key no earlier than that
+    wait_until(lost.event.is_set, 10, "the lease to be reported lost")
+    assert lost.at[0] - cut_at < 2.0
+    assert not lease.held
+    assert store.holders("job"), "the master still holds it: only unconfirmed"
+    lease.detach()
     store.close()
