@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             ("redis replicas=1", lambda: connect(url, prefix=prefix, replicas=1)),
             *etcd_contenders(stack, prefix),
         ]
-        stores = {name: stack.enter_context(contextlib.closing(make())) for name, make in contenders}
+        stores = {n: stack.enter_context(contextlib.closing(make())) for n, make in contenders}
         per_pair: dict[str, list[float]] = {name: [] for name in stores}
         per_batch: dict[str, list[float]] = {name: [] for name in stores}
         names = list(stores)
