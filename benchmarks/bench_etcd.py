@@ -32,11 +32,12 @@ for _p in (str(ROOT / "src"), str(ROOT)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from tests.etcd import EtcdCluster  # noqa: E402
+
 from celery_exclusive import connect  # noqa: E402
 from celery_exclusive.backends.base import RenewRequest  # noqa: E402
 from celery_exclusive.backends.etcd import EtcdBackend  # noqa: E402
 from celery_exclusive.backends.etcd.gateway import Gateway  # noqa: E402
-from tests.etcd import EtcdCluster  # noqa: E402
 
 
 def _ms(samples: list[float]) -> str:
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         holder.release()
 
         for size in (100, 1000):
-            _renewals(store.backend, size, rounds)
+            _renewals(backend, size, rounds)
         store.close()
     finally:
         server.cleanup()
@@ -121,7 +122,7 @@ def _renewals(backend: EtcdBackend, size: int, rounds: int) -> None:
     for i, token in enumerate(tokens):
         backend.acquire(f"renew:{i}", token, ttl=60, limit=1, meta="{}")
     requests = [RenewRequest(f"renew:{i}", token, 60.0) for i, token in enumerate(tokens)]
-    leases = [backend._lease_of(r.key, r.token) for r in requests]  # noqa: SLF001
+    leases = [backend._lease_of(r.key, r.token) for r in requests]
     batched = _timed(rounds * 2, 1, lambda: backend.renew(requests))
     assert all(backend.renew(requests))
 

@@ -147,9 +147,7 @@ class EtcdBackend(Backend):
     def from_url(cls, url: str, **options: Any) -> EtcdBackend:
         """Build a backend from an ``etcd://`` or ``etcd+https://`` URL (nothing connects)."""
         parsed = parse_url(url, **options)
-        gateway = Gateway(
-            parsed.members, timeout=parsed.socket_timeout, tls=parsed.ssl_context()
-        )
+        gateway = Gateway(parsed.members, timeout=parsed.socket_timeout, tls=parsed.ssl_context())
         return cls(gateway, prefix=parsed.prefix, description=parsed.description)
 
     # -- keys and small calls ---------------------------------------------------------------
@@ -257,7 +255,7 @@ class EtcdBackend(Backend):
                 self._remember(key, token, name, lease)
                 return Grant(fence=revision)
             kvs = reply["responses"][0]["response_range"].get("kvs", [])
-            decided = self._decide(key, token, limit, _slots(kvs), revision)
+            decided = self._decide(key, token, limit, _slots(kvs), revision, lease)
             if not isinstance(decided, int):
                 return decided
             index = decided
@@ -267,10 +265,17 @@ class EtcdBackend(Backend):
         raise BackendError(f"acquire of {key!r} on {self._description}: the key kept changing")
 
     def _decide(
-        self, key: str, token: str, limit: int, slots: list[_Slot], revision: int
+        self, key: str, token: str, limit: int, slots: list[_Slot], revision: int, lease: int
     ) -> Grant | Conflict | int:
-        """What the slots read at ``revision`` allow: a re-entry, a refusal, or a free slot."""
+        """What the slots read at ``revision`` allow: a re-entry, a refusal, or a free slot.
+
+        A slot of ``token`` under ``lease`` (this acquire's own etcd lease) is this acquire's
+        grant: a transaction that timed out on one member and was applied all the same.
+        """
         mine = next((s for s in slots if s.token == token), None)
+        if mine is not None and mine.lease == lease:
+            self._remember(key, token, mine.name, lease)
+            return Grant(fence=mine.fence)
         if mine is not None and self._alive(mine.lease):
             self._remember(key, token, mine.name, mine.lease)
             return Grant(fence=mine.fence, reentered=True)
@@ -476,7 +481,9 @@ class EtcdBackend(Backend):
         try:
             kept = found.meta if meta is None else meta
             value = _value(new_token, lease, found.limit, kept, found.acquired)
-            put = {"request_put": {"key": b64(found.name), "value": b64(value), "lease": str(lease)}}
+            put = {
+                "request_put": {"key": b64(found.name), "value": b64(value), "lease": str(lease)}
+            }
             moved = bool(self._txn([_same_lease(found)], [put]).get("succeeded"))
         finally:
             if not moved:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import socket
 import ssl
 import threading
 import time
@@ -37,8 +36,9 @@ KEEPALIVE_REQUESTS = 64
 #: line per event batch; the caller's key sees few).
 MAX_WATCH_LINES = 10_000
 
-#: Errors of a connection that did not answer: another member may.
-_DOWN = (ConnectionError, socket.timeout, TimeoutError, OSError, http.client.HTTPException)
+#: Errors of a connection that did not answer (timeouts and refusals are OSErrors): another
+#: member may.
+_DOWN = (OSError, http.client.HTTPException)
 
 
 class EtcdError(BackendError):
@@ -201,7 +201,9 @@ class Gateway:
             ttls[int(result.get("ID", 0))] = int(result.get("TTL", 0))
         return ttls
 
-    def watch_deletes(self, key: bytes, range_end: bytes, start_revision: int, timeout: float) -> bool:
+    def watch_deletes(
+        self, key: bytes, range_end: bytes, start_revision: int, timeout: float
+    ) -> bool:
         """Wait until a key in ``[key, range_end)`` is deleted at ``start_revision`` or later.
 
         Return True on a deletion (or when the history was compacted or the watch cancelled:
@@ -235,7 +237,7 @@ class Gateway:
                 if any(e.get("type") == "DELETE" for e in result.get("events", ())):
                     return True
             return False
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return False
         except _DOWN as exc:
             raise BackendError(f"etcd watch on {host}:{port} failed: {exc!r}") from exc
