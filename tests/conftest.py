@@ -33,6 +33,7 @@ import pytest
 from celery_exclusive import Store, connect
 from celery_exclusive.renewal import get_renewer
 
+from .etcd import EtcdCluster, etcd_binary
 from .pg import PostgresServer, postgres_bin_dir, shared_postgres_url
 from .servers import RedisServer, redis_server_binary
 
@@ -228,8 +229,49 @@ def sqlite_file_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'leases.db'}"
 
 
+# -- etcd ---------------------------------------------------------------------------------------
+
+
+def started_etcd(size: int) -> EtcdCluster:
+    """A private etcd of ``size`` members (tests/etcd.py), started; fails in CI without etcd."""
+    if etcd_binary() is None:
+        unavailable("no etcd: apt-get install etcd-server, or set CELERY_EXCLUSIVE_TEST_ETCD")
+    return EtcdCluster(size).start()
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdCluster]:
+    """A private single-member etcd for the session; tests keep to their own key prefix."""
+    server = started_etcd(1)
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def etcd_url(etcd_server: EtcdCluster) -> str:
+    """The session's etcd: keep to your own key prefix (``prefix``)."""
+    return etcd_server.url
+
+
+@pytest.fixture
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """A private 3-member etcd cluster of this test's own, free to be killed and restarted."""
+    cluster = started_etcd(3)
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
 #: The fixture that gives each server-backed store kind's URL.
-URL_FIXTURES = {"redis": "redis_url", "postgres": "postgres_url", "sqlite": "sqlite_url"}
+URL_FIXTURES = {
+    "redis": "redis_url",
+    "postgres": "postgres_url",
+    "sqlite": "sqlite_url",
+    "etcd": "etcd_url",
+}
 
 
 def url_for_kind(request: pytest.FixtureRequest, kind: str, **fixtures: str) -> str:

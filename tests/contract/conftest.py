@@ -11,7 +11,7 @@ from celery_exclusive import Store, connect
 from ..conftest import url_for_kind
 
 
-@pytest.fixture(params=["memory", "redis", "sqlite", "postgres"])
+@pytest.fixture(params=["memory", "redis", "sqlite", "postgres", "etcd"])
 def store(request: pytest.FixtureRequest, prefix: str) -> Iterator[Store]:
     if request.param == "memory":
         yield connect("memory://")  # one store per call: nothing to keep apart

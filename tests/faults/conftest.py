@@ -154,7 +154,7 @@ def spawn_holder(tmp_path: Path) -> Iterator[SpawnHolder]:
             child.close()
 
 
-@pytest.fixture(params=["redis", "postgres", "sqlite"])
+@pytest.fixture(params=["redis", "postgres", "sqlite", "etcd"])
 def store_url(request: pytest.FixtureRequest) -> str:
     """The same fault test on every server-backed store (SQLite: a file of the test's own)."""
     return url_for_kind(request, request.param, sqlite="sqlite_file_url")

@@ -149,6 +149,14 @@ STORE_TYPES: tuple[StoreType, ...] = (
         extra="django",
     ),
     StoreType(
+        name="etcd",
+        schemes=("etcd", "etcd+https"),
+        build="celery_exclusive.backends.etcd:EtcdBackend.from_url",
+        check="celery_exclusive.backends.etcd:parse_url",
+        # No driver: the standard library's http.client talks to etcd's JSON gateway.
+        extra="etcd",
+    ),
+    StoreType(
         name="memory",
         schemes=("memory",),
         build="celery_exclusive.backends.registry:memory_backend",
