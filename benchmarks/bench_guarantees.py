@@ -97,8 +97,12 @@ def etcd_contenders(stack: contextlib.ExitStack, prefix: str) -> list[Contender]
     except ImportError:
         print("etcd: this checkout has no etcd store, left out")
         return []
-    one = stack.enter_context(EtcdCluster(size=1))
-    three = stack.enter_context(EtcdCluster(size=3))
+    one = EtcdCluster(size=1)
+    stack.callback(one.cleanup)
+    one.start()
+    three = EtcdCluster(size=3)
+    stack.callback(three.cleanup)
+    three.start()
     return [
         ("etcd", lambda: connect(one.url, prefix=prefix)),
         ("etcd x3", lambda: connect(three.url, prefix=prefix)),
