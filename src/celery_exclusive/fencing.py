@@ -132,7 +132,7 @@ def fence_sql(template: str, table: str = FENCE_TABLE) -> str:
 @contextlib.contextmanager
 def _cursor(conn_or_cursor: Any) -> Iterator[tuple[Any, Any]]:
     """The (connection, cursor) of a psycopg connection or cursor (a new cursor, closed after)."""
-    if hasattr(conn_or_cursor, "connection"):  # a cursor: the caller's, left open
+    if hasattr(conn_or_cursor, "fetchone"):  # a cursor: the caller's, left open
         yield conn_or_cursor.connection, conn_or_cursor
         return
     with conn_or_cursor.cursor() as cur:
