@@ -88,7 +88,7 @@ def _fence_field(model: type[models.Model]) -> str:
     return names[0]
 
 
-def fenced_update(queryset: models.QuerySet[M], fence: int, **values: Any) -> int:
+def fenced_update(queryset: models.QuerySet[M], fence: int, /, **values: Any) -> int:
     """Update the rows of ``queryset`` with ``values`` and ``fence``, unless one is fenced higher.
 
     All or nothing: every matched row has a fence <= ``fence`` (same fence again: allowed) and
@@ -96,7 +96,8 @@ def fenced_update(queryset: models.QuerySet[M], fence: int, **values: Any) -> in
     the highest fence found) and no row is changed. Returns the number of rows updated: 0 when
     none match (a missing row is not an error; the fence table covers resources that are not
     rows yet). One ``UPDATE ... WHERE fence <= %s``: a concurrent writer's row lock is waited
-    for and the condition checked again on the row it committed.
+    for and the condition checked again on the row it committed. ``fence`` is positional
+    (a model field may be called ``fence``; it is not a value to set: it is set for you).
     """
     fence = valid_fence(fence)
     name = _fence_field(queryset.model)
@@ -116,7 +117,7 @@ def fenced_update(queryset: models.QuerySet[M], fence: int, **values: Any) -> in
 class FencedQuerySet(models.QuerySet[M]):
     """A QuerySet with :meth:`fenced_update`; ``objects = FencedQuerySet.as_manager()``."""
 
-    def fenced_update(self, fence: int, **values: Any) -> int:
+    def fenced_update(self, fence: int, /, **values: Any) -> int:
         """:func:`fenced_update` of this queryset."""
         updated: int = fenced_update(self, fence, **values)
         return updated
