@@ -26,6 +26,7 @@ from .exceptions import (
     LeaseError,
     LeaseLost,
     LimitMismatch,
+    StaleFence,
     Timeout,
 )
 from .lease import Lease
@@ -47,6 +48,7 @@ __all__ = [
     "LeaseInfo",
     "LeaseLost",
     "LimitMismatch",
+    "StaleFence",
     "Store",
     "Timeout",
     "__version__",

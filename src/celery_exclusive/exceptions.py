@@ -13,6 +13,7 @@ Every error derives from one root, so ``except ExclusiveError`` catches all of t
         │   └── AlreadyQueued   Celery: a copy of the task is already queued
         ├── Timeout             a blocking acquire gave up (has ``.timeout``)
         └── LeaseLost           a lease we held expired or was taken away
+            └── StaleFence      a write's fence is below one its resource already accepted
 
 Errors carry structured attributes rather than only a message, so callers can act on them.
 Every error can be rebuilt from its message alone (the attributes are optional keywords), so
@@ -35,6 +36,7 @@ __all__ = [
     "LeaseError",
     "LeaseLost",
     "LimitMismatch",
+    "StaleFence",
     "Timeout",
 ]
 
@@ -127,3 +129,33 @@ class Timeout(LeaseError):
 
 class LeaseLost(LeaseError):
     """A lease we held expired or was taken away while we still relied on it."""
+
+
+class StaleFence(LeaseLost):
+    """A write carried a fence lower than one its resource has already accepted.
+
+    The writer's lease was lost: the key was granted again after it (a higher fence), and
+    the new holder has written. Raised by :mod:`celery_exclusive.fencing` and
+    :mod:`celery_exclusive.contrib.django.fencing` before anything is changed; roll the
+    transaction back (leaving ``with conn.transaction()`` or ``transaction.atomic()`` with the
+    error does). ``resource`` names what was written (also ``key``), ``fence`` is the refused
+    fence and ``current`` the highest one accepted (None when it could not be read).
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        resource: str = "",
+        fence: int | None = None,
+        current: int | None = None,
+    ) -> None:
+        super().__init__(
+            message
+            or f"stale fence {fence} for {resource!r}: it has accepted fence {current}; "
+            "this writer's lease was lost and taken again since",
+            key=resource,
+        )
+        self.resource = resource
+        self.fence = fence
+        self.current = current

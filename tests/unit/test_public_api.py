@@ -33,12 +33,13 @@ def test_every_error_derives_from_the_root() -> None:
 def test_every_error_survives_pickle_and_rebuild_from_its_message() -> None:
     import pickle
 
-    from celery_exclusive import AlreadyRunning, LeaseLost, Timeout
+    from celery_exclusive import AlreadyRunning, LeaseLost, StaleFence, Timeout
 
     for error in (
         AlreadyRunning("busy", key="k", holder={"task_id": "t"}),
         LeaseLost("lost", key="k"),
         Timeout("slow", key="k", timeout=1.5),
+        StaleFence(resource="k", fence=7, current=8),
     ):
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error) and str(again) == str(error)
