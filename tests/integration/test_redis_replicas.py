@@ -184,6 +184,7 @@ def test_a_grant_refused_because_held_needs_no_replica(redis_url: str, prefix: s
     ("url", "options", "replicas", "timeout"),
     [
         ("redis://h:6379/0", {}, 0, 1.0),
+        ("redis://h:6379/0?socket_timeout=0.5", {}, 0, 1.0),  # no replicas: no WAIT to fit
         ("redis://h:6379/0?replicas=2&replica_timeout=0.5", {}, 2, 0.5),
         ("redis://h:6379/0?replicas=2", {"replicas": 1}, 1, 1.0),
         ("redis+sentinel://h:26379/mymaster/0?replicas=1", {}, 1, 1.0),
@@ -216,6 +217,10 @@ def test_a_client_given_to_connect_takes_replicas_too(pair: Pair, prefix: str) -
     assert store.lease("job", ttl=5, auto_renew=False).acquire()
     with pytest.raises(ConfigurationError, match="replicas"):
         connect(redis.Redis(port=pair.master.port), replicas=True)
+    quick = redis.Redis(port=pair.master.port, socket_timeout=0.5)
+    connect(quick).close()  # no replicas: the socket timeout has no WAIT to fit
+    with pytest.raises(ConfigurationError, match="replica_timeout"):
+        connect(quick, replicas=1)
     store.close()
 
 

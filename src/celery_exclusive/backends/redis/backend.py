@@ -112,7 +112,8 @@ class RedisBackend(ScriptCalls, Backend):
         self._description = description or "redis"
         self._cluster = isinstance(client, redis.cluster.RedisCluster)
         self._setup_calls(client, {name: _load_script(name) for name in SCRIPTS})
-        check_replica_timeout(self.replica_timeout, self._socket_timeout, self._description)
+        if self.replicas:
+            check_replica_timeout(self.replica_timeout, self._socket_timeout, self._description)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBackend:

@@ -115,7 +115,8 @@ def parse_url(url: str, **options: Any) -> RedisURL:
         keywords=options,
         foreign=foreign,
     )
-    check_replica_timeout(ours["replica_timeout"], ours["socket_timeout"], shown)
+    if ours["replicas"]:
+        check_replica_timeout(ours["replica_timeout"], ours["socket_timeout"], shown)
     query = dict(rest)  # the last one wins, as in redis-py
     common: dict[str, Any] = {"scheme": scheme, "description": shown, **ours}
     if scheme in _SENTINEL_SCHEMES:
