@@ -122,14 +122,14 @@ def _renewals(backend: EtcdBackend, size: int, rounds: int) -> None:
     for i, token in enumerate(tokens):
         backend.acquire(f"renew:{i}", token, ttl=60, limit=1, meta="{}")
     requests = [RenewRequest(f"renew:{i}", token, 60.0) for i, token in enumerate(tokens)]
-    leases = [backend._lease_of(r.key, r.token) for r in requests]
+    grants = [backend._grant_of(r.key, r.token) for r in requests]
     batched = _timed(rounds * 2, 1, lambda: backend.renew(requests))
     assert all(backend.renew(requests))
 
     def one_by_one() -> None:
-        for lease in leases:
-            assert lease is not None
-            backend.gateway.keep_alive([lease])
+        for grant in grants:
+            assert grant is not None
+            backend.gateway.keep_alive([grant[1]])
 
     single = _timed(rounds, 1, one_by_one)
     print(f"renew {size:5d} leases  batched:      {_ms(batched)}")

@@ -23,7 +23,10 @@ A lease key cannot contain braces, so the slots of one key are exactly the range
   leader; a lease's keys are deleted when it expires. The holder's local deadline stays
   ``ttl``, never later than etcd's.
 - **Renewal**: one keep-alive request for every lease of the batch (the gateway takes many
-  lease ids in one request body).
+  lease ids in one request body), then one read-only transaction per 128 leases (etcd's
+  default ``--max-txn-ops``): "each slot is still attached to its etcd lease". A take or a
+  hand-over deletes or rewrites a slot and then revokes the old etcd lease; if that revoke is
+  lost, the lease lives on with no slot, and only this check refuses its renewal.
 - **Release, force-release**: a revoke of the holder's etcd lease, which deletes its slot in
   the same step. A lease id belongs to one (slot, token) for its whole life: a hand-over gives
   the new owner a new etcd lease, so revoking an old owner's lease never frees a new owner.
@@ -59,12 +62,16 @@ from ..base import (
 from .gateway import NOT_FOUND, EtcdError, Gateway, b64, unb64
 from .url import parse_url
 
-__all__ = ["MAX_TRIES", "SCAN_PAGE", "EtcdBackend", "lease_seconds"]
+__all__ = ["MAX_TRIES", "MAX_TXN_OPS", "SCAN_PAGE", "EtcdBackend", "lease_seconds"]
 
 logger = logging.getLogger(__name__)
 
 #: Transactions one acquire may send before it gives up on a key that keeps changing.
 MAX_TRIES = 32
+
+#: Operations one transaction may hold (etcd's default ``--max-txn-ops``): a renewal checks
+#: at most this many slots per transaction.
+MAX_TXN_OPS = 128
 
 #: Slots a listing reads at a time.
 SCAN_PAGE = 500
@@ -181,6 +188,12 @@ class EtcdBackend(Backend):
         except BackendError:  # it expires by itself within its ttl
             logger.debug("revoking etcd lease %x failed", lease, exc_info=True)
 
+    def _revoke_moved(self, lease: int) -> None:
+        """Revoke the etcd lease of a grant whose slot was just taken or handed over: no key
+        is attached to it any more. Best effort: if this fails, the old owner's keep-alives
+        still succeed, and its renewal is refused by the slot check in :meth:`renew`."""
+        self._revoke_quietly(lease)
+
     def _ttl(self, lease: int) -> tuple[int, int]:
         """(seconds left, granted seconds) of ``lease``; (-1, 0) when it is gone."""
         reply = self.gateway.call("lease/timetolive", {"ID": str(lease)})
@@ -209,16 +222,17 @@ class EtcdBackend(Backend):
         slots, _ = self._read(key)
         return next((s for s in slots if s.token == token), None)
 
-    def _lease_of(self, key: str, token: str) -> int | None:
+    def _grant_of(self, key: str, token: str) -> tuple[bytes, int] | None:
+        """(slot name, etcd lease) of ``token``'s grant on ``key``, remembered or read."""
         with self._lock:
             known = self._grants.get((key, token))
         if known is not None:
-            return known[1]
+            return known
         found = self._find(key, token)
         if found is None:
             return None
         self._remember(key, token, found.name, found.lease)
-        return found.lease
+        return found.name, found.lease
 
     # -- the contract ----------------------------------------------------------------------
 
@@ -330,15 +344,46 @@ class EtcdBackend(Backend):
         return self._revoke(known[1])
 
     def renew(self, requests: Sequence[RenewRequest]) -> list[bool]:
+        """Keep every request's etcd lease alive (one keep-alive batch), then check that each
+        live one still carries its slot: a slot taken or handed over, whose old etcd lease
+        could not be revoked, must not be renewed as if it were still held."""
         if not requests:
             return []
-        leases = [self._lease_of(r.key, r.token) for r in requests]
-        ttls = self.gateway.keep_alive(list(dict.fromkeys(x for x in leases if x is not None)))
-        results = [lease is not None and ttls.get(lease, 0) > 0 for lease in leases]
+        grants = [self._grant_of(r.key, r.token) for r in requests]
+        ttls = self.gateway.keep_alive(list(dict.fromkeys(g[1] for g in grants if g)))
+        live = [
+            (i, requests[i].token, g) for i, g in enumerate(grants) if g and ttls.get(g[1], 0) > 0
+        ]
+        results = [False] * len(requests)
+        for start in range(0, len(live), MAX_TXN_OPS):
+            chunk = live[start : start + MAX_TXN_OPS]
+            owned = self._still_owned([(token, *grant) for _, token, grant in chunk])
+            for (i, _, _), ok in zip(chunk, owned, strict=True):
+                results[i] = ok
         for r, ok in zip(requests, results, strict=True):
             if not ok:
                 self._forget(r.key, r.token)
         return results
+
+    def _still_owned(self, grants: Sequence[tuple[str, bytes, int]]) -> list[bool]:
+        """Whether each (token, slot name, etcd lease) slot still carries that lease and token.
+
+        One read-only transaction: "every slot is attached to its lease" (a lease belongs to
+        one grant, so to one token); only when that fails are the slots read and told apart.
+        """
+        compare = [
+            {"key": b64(name), "target": "LEASE", "lease": str(lease), "result": "EQUAL"}
+            for _, name, lease in grants
+        ]
+        reads = [{"request_range": {"key": b64(name)}} for _, name, _ in grants]
+        reply = self.gateway.call("kv/txn", {"compare": compare, "success": [], "failure": reads})
+        if reply.get("succeeded"):
+            return [True] * len(grants)
+        owned = []
+        for (token, _, lease), answer in zip(grants, reply["responses"], strict=True):
+            slots = _slots(answer["response_range"].get("kvs", []))
+            owned.append(bool(slots) and (slots[0].token, slots[0].lease) == (token, lease))
+        return owned
 
     def wait(self, key: str, timeout: float) -> bool:
         if timeout <= 0:
@@ -465,7 +510,7 @@ class EtcdBackend(Backend):
         if not reply.get("succeeded"):
             return None
         self._forget(key, token)
-        self._revoke_quietly(found.lease)
+        self._revoke_moved(found.lease)
         prev = reply["responses"][0]["response_delete_range"].get("prev_kvs", [])
         taken = _slots(prev)
         return taken[0].meta if taken else found.meta
@@ -492,7 +537,7 @@ class EtcdBackend(Backend):
             return False
         self._forget(key, token)
         self._remember(key, new_token, found.name, lease)
-        self._revoke_quietly(found.lease)  # no key is attached to it any more
+        self._revoke_moved(found.lease)
         return True
 
     def close(self) -> None:
