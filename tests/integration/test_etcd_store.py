@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from celery_exclusive import ConfigurationError, Store, connect
-from celery_exclusive.backends.base import Grant, RenewRequest
+from celery_exclusive import ConfigurationError, LimitMismatch, Store, connect
+from celery_exclusive.backends.base import Conflict, Grant, RenewRequest
 from celery_exclusive.backends.etcd import EtcdBackend, lease_seconds, parse_url
 from celery_exclusive.backends.etcd.gateway import KEEPALIVE_REQUESTS
 from celery_exclusive.embedded import free_port
@@ -209,3 +209,72 @@ def _count_requests(backend: EtcdBackend) -> list[str]:
 
     backend.gateway.post = counted  # type: ignore[method-assign]
     return sent
+
+
+# -- what a refused acquire costs ----------------------------------------------------------------
+
+
+def test_a_repeated_refusal_reads_the_key_and_grants_no_etcd_lease(
+    etcd_url: str, prefix: str
+) -> None:
+    holding, calling = connect(etcd_url, prefix=prefix), connect(etcd_url, prefix=prefix)
+    backend = _backend(calling)
+    try:
+        # Given a key held by another process
+        held = holding.lease("busy", ttl=30.0, auto_renew=False)
+        assert held.acquire()
+        sent = _count_requests(backend)
+        first = backend.acquire("busy", "caller", ttl=30, limit=1, meta="{}")
+        assert isinstance(first, Conflict)
+        assert len(sent) <= 4  # grant, txn, timetolive, revoke: this process had not seen it
+        # When this process is refused again (a Celery duplicate skipped, a waiter woken early)
+        for _ in range(3):
+            sent.clear()
+            again = backend.acquire("busy", "caller", ttl=30, limit=1, meta="{}")
+            # Then a refusal is one read and the holder's time left, with no etcd lease granted
+            assert isinstance(again, Conflict)
+            assert [h.token for h in again.holders] == [held.token]
+            assert 25.0 <= again.holders[0].expires_in <= 30.0
+            assert sent == ["kv/range", "lease/timetolive"]
+        # When the key is free again, the read that finds it free is the grant's first step
+        assert held.release()
+        sent.clear()
+        granted = backend.acquire("busy", "caller", ttl=30, limit=1, meta="{}")
+        assert isinstance(granted, Grant) and not granted.reentered
+        assert sent == ["kv/range", "lease/grant", "kv/txn"]
+        assert [h.token for h in holding.holders("busy")] == ["caller"]
+        # And after a grant, the key is taken as before: grant and transaction
+        assert backend.release("busy", "caller")
+        sent.clear()
+        assert isinstance(backend.acquire("busy", "caller", ttl=30, limit=1, meta="{}"), Grant)
+        assert sent == ["lease/grant", "kv/txn"]
+        assert backend.release("busy", "caller")
+    finally:
+        holding.close()
+        calling.close()
+
+
+def test_a_refusal_read_first_still_finds_a_free_slot_of_a_semaphore_and_a_limit_mismatch(
+    etcd_url: str, prefix: str
+) -> None:
+    store = connect(etcd_url, prefix=prefix)
+    backend = _backend(store)
+    try:
+        # Given a key of limit 2 full, and this process refused once
+        for token in ("a", "b"):
+            assert isinstance(backend.acquire("sem", token, ttl=30, limit=2, meta="{}"), Grant)
+        assert isinstance(backend.acquire("sem", "c", ttl=30, limit=2, meta="{}"), Conflict)
+        # Then a holder re-entering is answered from the read alone
+        sent = _count_requests(backend)
+        again = backend.acquire("sem", "a", ttl=30, limit=2, meta="{}")
+        assert isinstance(again, Grant) and again.reentered
+        assert "lease/grant" not in sent
+        # and a mismatched limit is still refused as a configuration error
+        with pytest.raises(LimitMismatch):
+            backend.acquire("sem", "c", ttl=30, limit=3, meta="{}")
+        # and the slot a release frees is granted from the read that found it
+        assert backend.release("sem", "b")
+        assert isinstance(backend.acquire("sem", "c", ttl=30, limit=2, meta="{}"), Grant)
+        assert sorted(h.token for h in store.holders("sem")) == ["a", "c"]
+    finally:
+        store.close()

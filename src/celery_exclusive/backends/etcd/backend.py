@@ -14,8 +14,12 @@ A lease key cannot contain braces, so the slots of one key are exactly the range
 
 - **Grant**: one transaction: "if no slot of the key exists, create slot 0"; when it fails it
   returns the slots, and the next transaction creates a free slot "if no slot of the key
-  changed since that read" (a compare of ``mod_revision`` over the key's whole range). The
-  fence is the grant's revision (the slot's ``create_revision``): etcd's revision is
+  changed since that read" (a compare of ``mod_revision`` over the key's whole range). A key
+  this process was refused since its last grant here is read first (a refused Celery
+  duplicate, a woken waiter): a read that finds it full refuses with no etcd lease granted
+  (read + the holders' time left: 2 requests for one holder, not 4), and one that finds a
+  free slot is the first step of the grant (read, grant, transaction on "unchanged since").
+  The fence is the grant's revision (the slot's ``create_revision``): etcd's revision is
   cluster-wide, never repeats and only rises, so fences rise strictly per key, across leader
   changes.
 - **Expiry**: each grant has an etcd lease of its own, of ``ceil(ttl)`` seconds (etcd's unit;
@@ -146,6 +150,8 @@ class EtcdBackend(Backend):
         self._description = description
         self._root = f"{prefix}/lease/".encode()
         self._grants: dict[tuple[str, str], tuple[bytes, int]] = {}
+        #: Keys refused here since their last grant here: their next acquire reads first.
+        self._refused: dict[str, None] = {}
         self._lock = threading.Lock()
         forking.replace_after_fork(self, "_lock", threading.Lock)
         self._seen = threading.local()
@@ -239,10 +245,17 @@ class EtcdBackend(Backend):
     def acquire(
         self, key: str, token: str, *, ttl: float, limit: int, meta: str, wait: float = 0.0
     ) -> Grant | Conflict:
+        read: tuple[int, int] | None = None  # (free slot, revision) a read found
+        if key in self._refused:  # refused lately here: likely full, so look before granting
+            slots, revision = self._read(key)
+            decided = self._decide(key, token, limit, slots, revision, lease=0)
+            if not isinstance(decided, int):
+                return decided  # refused or re-entered: no etcd lease granted
+            read = (decided, revision)
         lease = self._grant_lease(ttl)
         used = False
         try:
-            result = self._take_slot(key, token, limit, meta, lease)
+            result = self._take_slot(key, token, limit, meta, lease, read)
             used = isinstance(result, Grant) and not result.reentered
             return result
         finally:
@@ -250,12 +263,18 @@ class EtcdBackend(Backend):
                 self._revoke_quietly(lease)
 
     def _take_slot(
-        self, key: str, token: str, limit: int, meta: str, lease: int
+        self, key: str, token: str, limit: int, meta: str, lease: int, read: tuple[int, int] | None
     ) -> Grant | Conflict:
+        """Transactions that put a slot of ``key`` under ``lease``: "if the key has no slot"
+        first, or "if no slot changed since ``read``" (a free slot and the read's revision)."""
         start, end = self._range(key)
         whole = {"key": b64(start), "range_end": b64(end)}
-        compare = [{**whole, "target": "CREATE", "create_revision": "0", "result": "EQUAL"}]
-        index = 0
+        index, compare = (
+            0,
+            [{**whole, "target": "CREATE", "create_revision": "0", "result": "EQUAL"}],
+        )
+        if read is not None:
+            index, compare = read[0], [_unchanged_since(whole, read[1])]
         value = b64(_value(token, lease, limit, meta, time.time()))
         for _ in range(MAX_TRIES):
             name = start + f"{index}}}".encode()
@@ -267,15 +286,14 @@ class EtcdBackend(Backend):
             revision = int(reply["header"]["revision"])
             if reply.get("succeeded"):
                 self._remember(key, token, name, lease)
+                self._refused.pop(key, None)
                 return Grant(fence=revision)
             kvs = reply["responses"][0]["response_range"].get("kvs", [])
             decided = self._decide(key, token, limit, _slots(kvs), revision, lease)
             if not isinstance(decided, int):
                 return decided
             index = decided
-            compare = [
-                {**whole, "target": "MOD", "mod_revision": str(revision + 1), "result": "LESS"}
-            ]
+            compare = [_unchanged_since(whole, revision)]
         raise BackendError(f"acquire of {key!r} on {self._description}: the key kept changing")
 
     def _decide(
@@ -298,6 +316,9 @@ class EtcdBackend(Backend):
                 raise LimitMismatch(key=key, limit=other.limit, requested=limit)
         if len(slots) >= limit:
             self._seen_revisions()[key] = revision
+            if len(self._refused) >= MAX_REMEMBERED:
+                self._refused.clear()
+            self._refused[key] = None
             holders = self._describe(slots)
             retry_in = min((h.expires_in for h in holders), default=0.5)
             return Conflict(holders=holders, retry_in=max(retry_in, 0.05))
@@ -549,6 +570,12 @@ class EtcdBackend(Backend):
 
 def _slots(kvs: Sequence[dict[str, Any]]) -> list[_Slot]:
     return [s for s in map(_slot, kvs) if s is not None]
+
+
+def _unchanged_since(whole: dict[str, str], revision: int) -> dict[str, Any]:
+    """A compare: no key of the range ``whole`` was created, changed or deleted after
+    ``revision`` (every one's ``mod_revision`` is at most that)."""
+    return {**whole, "target": "MOD", "mod_revision": str(revision + 1), "result": "LESS"}
 
 
 def _same_lease(slot: _Slot) -> dict[str, Any]:
