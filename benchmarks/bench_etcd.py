@@ -11,9 +11,11 @@ It starts a private etcd member (``tests/etcd.py``: the ``etcd`` binary on PATH,
 
 - acquire + release of one reused ``Lease`` (``auto_renew=False``), and the gateway calls each
   one sends (counted on the wire: every ``Gateway.post``);
-- a refused acquire (the key held by another token);
+- a refused acquire (the key held by another token), and the requests of the first refusal
+  in this process, of the next ones, and of the grant once the key is free;
 - one renewal batch (``backend.renew``) of 100 and of 1,000 held leases: one keep-alive
-  request carrying every lease id, against the same batch sent as one request per lease.
+  request carrying every lease id and one slot check per 128 leases, against the keep-alives
+  alone sent as one request per lease.
 
 Every loop is bounded; figures mean something only next to each other on one machine.
 """
@@ -102,11 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         refused = store.lease("held", auto_renew=False)
         counting.calls.clear()
         refused.acquire()
-        refused_calls = list(counting.calls)
+        first_calls = list(counting.calls)
+        counting.calls.clear()
+        refused.acquire()
+        again_calls = list(counting.calls)
         samples = _timed(rounds, pairs // 3, refused.acquire)
-        print(f"refused acquire      {_ms(samples)}")
-        print(f"  requests: {refused_calls}")
+        print(f"refused acquire      {_ms(samples)}   (refused before by this process)")
+        print(f"  requests: first refusal {first_calls}, then {again_calls}")
         holder.release()
+        counting.calls.clear()
+        refused.acquire()
+        print(f"  the grant once free: {counting.calls}")
+        refused.release()
 
         for size in (100, 1000):
             _renewals(backend, size, rounds)
@@ -122,14 +131,14 @@ def _renewals(backend: EtcdBackend, size: int, rounds: int) -> None:
     for i, token in enumerate(tokens):
         backend.acquire(f"renew:{i}", token, ttl=60, limit=1, meta="{}")
     requests = [RenewRequest(f"renew:{i}", token, 60.0) for i, token in enumerate(tokens)]
-    leases = [backend._lease_of(r.key, r.token) for r in requests]
+    grants = [backend._grant_of(r.key, r.token) for r in requests]
     batched = _timed(rounds * 2, 1, lambda: backend.renew(requests))
     assert all(backend.renew(requests))
 
     def one_by_one() -> None:
-        for lease in leases:
-            assert lease is not None
-            backend.gateway.keep_alive([lease])
+        for grant in grants:
+            assert grant is not None
+            backend.gateway.keep_alive([grant[1]])
 
     single = _timed(rounds, 1, one_by_one)
     print(f"renew {size:5d} leases  batched:      {_ms(batched)}")

@@ -14,8 +14,12 @@ A lease key cannot contain braces, so the slots of one key are exactly the range
 
 - **Grant**: one transaction: "if no slot of the key exists, create slot 0"; when it fails it
   returns the slots, and the next transaction creates a free slot "if no slot of the key
-  changed since that read" (a compare of ``mod_revision`` over the key's whole range). The
-  fence is the grant's revision (the slot's ``create_revision``): etcd's revision is
+  changed since that read" (a compare of ``mod_revision`` over the key's whole range). A key
+  this process was refused since its last grant here is read first (a refused Celery
+  duplicate, a woken waiter): a read that finds it full refuses with no etcd lease granted
+  (read + the holders' time left: 2 requests for one holder, not 4), and one that finds a
+  free slot is the first step of the grant (read, grant, transaction on "unchanged since").
+  The fence is the grant's revision (the slot's ``create_revision``): etcd's revision is
   cluster-wide, never repeats and only rises, so fences rise strictly per key, across leader
   changes.
 - **Expiry**: each grant has an etcd lease of its own, of ``ceil(ttl)`` seconds (etcd's unit;
@@ -23,7 +27,10 @@ A lease key cannot contain braces, so the slots of one key are exactly the range
   leader; a lease's keys are deleted when it expires. The holder's local deadline stays
   ``ttl``, never later than etcd's.
 - **Renewal**: one keep-alive request for every lease of the batch (the gateway takes many
-  lease ids in one request body).
+  lease ids in one request body), then one read-only transaction per 128 leases (etcd's
+  default ``--max-txn-ops``): "each slot is still attached to its etcd lease". A take or a
+  hand-over deletes or rewrites a slot and then revokes the old etcd lease; if that revoke is
+  lost, the lease lives on with no slot, and only this check refuses its renewal.
 - **Release, force-release**: a revoke of the holder's etcd lease, which deletes its slot in
   the same step. A lease id belongs to one (slot, token) for its whole life: a hand-over gives
   the new owner a new etcd lease, so revoking an old owner's lease never frees a new owner.
@@ -59,12 +66,16 @@ from ..base import (
 from .gateway import NOT_FOUND, EtcdError, Gateway, b64, unb64
 from .url import parse_url
 
-__all__ = ["MAX_TRIES", "SCAN_PAGE", "EtcdBackend", "lease_seconds"]
+__all__ = ["MAX_TRIES", "MAX_TXN_OPS", "SCAN_PAGE", "EtcdBackend", "lease_seconds"]
 
 logger = logging.getLogger(__name__)
 
 #: Transactions one acquire may send before it gives up on a key that keeps changing.
 MAX_TRIES = 32
+
+#: Operations one transaction may hold (etcd's default ``--max-txn-ops``): a renewal checks
+#: at most this many slots per transaction.
+MAX_TXN_OPS = 128
 
 #: Slots a listing reads at a time.
 SCAN_PAGE = 500
@@ -139,6 +150,8 @@ class EtcdBackend(Backend):
         self._description = description
         self._root = f"{prefix}/lease/".encode()
         self._grants: dict[tuple[str, str], tuple[bytes, int]] = {}
+        #: Keys refused here since their last grant here: their next acquire reads first.
+        self._refused: dict[str, None] = {}
         self._lock = threading.Lock()
         forking.replace_after_fork(self, "_lock", threading.Lock)
         self._seen = threading.local()
@@ -181,6 +194,12 @@ class EtcdBackend(Backend):
         except BackendError:  # it expires by itself within its ttl
             logger.debug("revoking etcd lease %x failed", lease, exc_info=True)
 
+    def _revoke_moved(self, lease: int) -> None:
+        """Revoke the etcd lease of a grant whose slot was just taken or handed over: no key
+        is attached to it any more. Best effort: if this fails, the old owner's keep-alives
+        still succeed, and its renewal is refused by the slot check in :meth:`renew`."""
+        self._revoke_quietly(lease)
+
     def _ttl(self, lease: int) -> tuple[int, int]:
         """(seconds left, granted seconds) of ``lease``; (-1, 0) when it is gone."""
         reply = self.gateway.call("lease/timetolive", {"ID": str(lease)})
@@ -209,26 +228,34 @@ class EtcdBackend(Backend):
         slots, _ = self._read(key)
         return next((s for s in slots if s.token == token), None)
 
-    def _lease_of(self, key: str, token: str) -> int | None:
+    def _grant_of(self, key: str, token: str) -> tuple[bytes, int] | None:
+        """(slot name, etcd lease) of ``token``'s grant on ``key``, remembered or read."""
         with self._lock:
             known = self._grants.get((key, token))
         if known is not None:
-            return known[1]
+            return known
         found = self._find(key, token)
         if found is None:
             return None
         self._remember(key, token, found.name, found.lease)
-        return found.lease
+        return found.name, found.lease
 
     # -- the contract ----------------------------------------------------------------------
 
     def acquire(
         self, key: str, token: str, *, ttl: float, limit: int, meta: str, wait: float = 0.0
     ) -> Grant | Conflict:
+        read: tuple[int, int] | None = None  # (free slot, revision) a read found
+        if key in self._refused:  # refused lately here: likely full, so look before granting
+            slots, revision = self._read(key)
+            decided = self._decide(key, token, limit, slots, revision, lease=0)
+            if not isinstance(decided, int):
+                return decided  # refused or re-entered: no etcd lease granted
+            read = (decided, revision)
         lease = self._grant_lease(ttl)
         used = False
         try:
-            result = self._take_slot(key, token, limit, meta, lease)
+            result = self._take_slot(key, token, limit, meta, lease, read)
             used = isinstance(result, Grant) and not result.reentered
             return result
         finally:
@@ -236,12 +263,18 @@ class EtcdBackend(Backend):
                 self._revoke_quietly(lease)
 
     def _take_slot(
-        self, key: str, token: str, limit: int, meta: str, lease: int
+        self, key: str, token: str, limit: int, meta: str, lease: int, read: tuple[int, int] | None
     ) -> Grant | Conflict:
+        """Transactions that put a slot of ``key`` under ``lease``: "if the key has no slot"
+        first, or "if no slot changed since ``read``" (a free slot and the read's revision)."""
         start, end = self._range(key)
         whole = {"key": b64(start), "range_end": b64(end)}
-        compare = [{**whole, "target": "CREATE", "create_revision": "0", "result": "EQUAL"}]
-        index = 0
+        index, compare = (
+            0,
+            [{**whole, "target": "CREATE", "create_revision": "0", "result": "EQUAL"}],
+        )
+        if read is not None:
+            index, compare = read[0], [_unchanged_since(whole, read[1])]
         value = b64(_value(token, lease, limit, meta, time.time()))
         for _ in range(MAX_TRIES):
             name = start + f"{index}}}".encode()
@@ -253,15 +286,14 @@ class EtcdBackend(Backend):
             revision = int(reply["header"]["revision"])
             if reply.get("succeeded"):
                 self._remember(key, token, name, lease)
+                self._refused.pop(key, None)
                 return Grant(fence=revision)
             kvs = reply["responses"][0]["response_range"].get("kvs", [])
             decided = self._decide(key, token, limit, _slots(kvs), revision, lease)
             if not isinstance(decided, int):
                 return decided
             index = decided
-            compare = [
-                {**whole, "target": "MOD", "mod_revision": str(revision + 1), "result": "LESS"}
-            ]
+            compare = [_unchanged_since(whole, revision)]
         raise BackendError(f"acquire of {key!r} on {self._description}: the key kept changing")
 
     def _decide(
@@ -284,6 +316,9 @@ class EtcdBackend(Backend):
                 raise LimitMismatch(key=key, limit=other.limit, requested=limit)
         if len(slots) >= limit:
             self._seen_revisions()[key] = revision
+            if len(self._refused) >= MAX_REMEMBERED:
+                self._refused.clear()
+            self._refused[key] = None
             holders = self._describe(slots)
             retry_in = min((h.expires_in for h in holders), default=0.5)
             return Conflict(holders=holders, retry_in=max(retry_in, 0.05))
@@ -330,15 +365,46 @@ class EtcdBackend(Backend):
         return self._revoke(known[1])
 
     def renew(self, requests: Sequence[RenewRequest]) -> list[bool]:
+        """Keep every request's etcd lease alive (one keep-alive batch), then check that each
+        live one still carries its slot: a slot taken or handed over, whose old etcd lease
+        could not be revoked, must not be renewed as if it were still held."""
         if not requests:
             return []
-        leases = [self._lease_of(r.key, r.token) for r in requests]
-        ttls = self.gateway.keep_alive(list(dict.fromkeys(x for x in leases if x is not None)))
-        results = [lease is not None and ttls.get(lease, 0) > 0 for lease in leases]
+        grants = [self._grant_of(r.key, r.token) for r in requests]
+        ttls = self.gateway.keep_alive(list(dict.fromkeys(g[1] for g in grants if g)))
+        live = [
+            (i, requests[i].token, g) for i, g in enumerate(grants) if g and ttls.get(g[1], 0) > 0
+        ]
+        results = [False] * len(requests)
+        for start in range(0, len(live), MAX_TXN_OPS):
+            chunk = live[start : start + MAX_TXN_OPS]
+            owned = self._still_owned([(token, *grant) for _, token, grant in chunk])
+            for (i, _, _), ok in zip(chunk, owned, strict=True):
+                results[i] = ok
         for r, ok in zip(requests, results, strict=True):
             if not ok:
                 self._forget(r.key, r.token)
         return results
+
+    def _still_owned(self, grants: Sequence[tuple[str, bytes, int]]) -> list[bool]:
+        """Whether each (token, slot name, etcd lease) slot still carries that lease and token.
+
+        One read-only transaction: "every slot is attached to its lease" (a lease belongs to
+        one grant, so to one token); only when that fails are the slots read and told apart.
+        """
+        compare = [
+            {"key": b64(name), "target": "LEASE", "lease": str(lease), "result": "EQUAL"}
+            for _, name, lease in grants
+        ]
+        reads = [{"request_range": {"key": b64(name)}} for _, name, _ in grants]
+        reply = self.gateway.call("kv/txn", {"compare": compare, "success": [], "failure": reads})
+        if reply.get("succeeded"):
+            return [True] * len(grants)
+        owned = []
+        for (token, _, lease), answer in zip(grants, reply["responses"], strict=True):
+            slots = _slots(answer["response_range"].get("kvs", []))
+            owned.append(bool(slots) and (slots[0].token, slots[0].lease) == (token, lease))
+        return owned
 
     def wait(self, key: str, timeout: float) -> bool:
         if timeout <= 0:
@@ -465,7 +531,7 @@ class EtcdBackend(Backend):
         if not reply.get("succeeded"):
             return None
         self._forget(key, token)
-        self._revoke_quietly(found.lease)
+        self._revoke_moved(found.lease)
         prev = reply["responses"][0]["response_delete_range"].get("prev_kvs", [])
         taken = _slots(prev)
         return taken[0].meta if taken else found.meta
@@ -492,7 +558,7 @@ class EtcdBackend(Backend):
             return False
         self._forget(key, token)
         self._remember(key, new_token, found.name, lease)
-        self._revoke_quietly(found.lease)  # no key is attached to it any more
+        self._revoke_moved(found.lease)
         return True
 
     def close(self) -> None:
@@ -504,6 +570,12 @@ class EtcdBackend(Backend):
 
 def _slots(kvs: Sequence[dict[str, Any]]) -> list[_Slot]:
     return [s for s in map(_slot, kvs) if s is not None]
+
+
+def _unchanged_since(whole: dict[str, str], revision: int) -> dict[str, Any]:
+    """A compare: no key of the range ``whole`` was created, changed or deleted after
+    ``revision`` (every one's ``mod_revision`` is at most that)."""
+    return {**whole, "target": "MOD", "mod_revision": str(revision + 1), "result": "LESS"}
 
 
 def _same_lease(slot: _Slot) -> dict[str, Any]:
