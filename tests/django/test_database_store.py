@@ -35,6 +35,7 @@ from celery_exclusive.contrib.django.conf import database_url, get_store, store_
 
 from ..contract import test_lease_contract as contract
 from ..pg import django_database
+from .aliases import add_alias, remove_alias
 
 # The contract's tests, collected again here with this module's ``store`` fixture.
 globals().update({name: f for name, f in vars(contract).items() if name.startswith("test_")})
@@ -70,24 +71,9 @@ class Database:
             conn.close()
 
 
-def _add_alias(alias: str, config: dict[str, Any]) -> None:
-    # connections.settings is settings.DATABASES (the same dict) once Django has configured it.
-    settings.DATABASES[alias] = config
-    connections.settings[alias] = connections.configure_settings(
-        {"default": dict(settings.DATABASES["default"]), alias: config}
-    )[alias]
-
-
-def _remove_alias(alias: str) -> None:
-    conf.reset()
-    connections[alias].close()
-    settings.DATABASES.pop(alias, None)
-    connections.settings.pop(alias, None)
-
-
 def _sqlite(tmp: Path) -> Database:
     path = tmp / "project.sqlite3"
-    _add_alias("leases_sqlite", {"ENGINE": "django.db.backends.sqlite3", "NAME": str(path)})
+    add_alias("leases_sqlite", {"ENGINE": "django.db.backends.sqlite3", "NAME": str(path)})
     return Database(
         "leases_sqlite",
         "sqlite",
@@ -108,7 +94,7 @@ def _postgres(url: str) -> Database:
     with psycopg.connect(server, autocommit=True, **libpq) as admin:
         admin.execute(f'CREATE SCHEMA "{schema}"')
     options = {**libpq, "options": f"-csearch_path={schema}"}
-    _add_alias("leases_pg", django_database(url, options))
+    add_alias("leases_pg", django_database(url, options))
 
     def drop() -> None:
         with psycopg.connect(server, autocommit=True, **libpq) as admin:
@@ -134,7 +120,7 @@ def database(
         call_command("migrate", database=db.alias, verbosity=0, interactive=False)
         yield db
     finally:
-        _remove_alias(db.alias)
+        remove_alias(db.alias)
         db.close_raw()
 
 
@@ -303,7 +289,7 @@ def test_on_sqlite_an_acquire_after_the_transaction_wrote_waits_for_its_write_lo
     # same thread: until its busy timeout, OPTIONS["timeout"]) and then fails, granting nothing.
     path = tmp_path / "one-writer.sqlite3"
     alias = "leases_sqlite_timeout"
-    _add_alias(
+    add_alias(
         alias,
         {"ENGINE": "django.db.backends.sqlite3", "NAME": str(path), "OPTIONS": {"timeout": 0.2}},
     )
@@ -318,7 +304,7 @@ def test_on_sqlite_an_acquire_after_the_transaction_wrote_waits_for_its_write_lo
         assert s.lease("job").acquire()  # once it committed
         s.close()
     finally:
-        _remove_alias(alias)
+        remove_alias(alias)
 
 
 # -- settings, URL and checks (nothing connects) ------------------------------------------------

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import connections, models, transaction
 from django.db.migrations.state import ProjectState
@@ -35,6 +34,7 @@ from celery_exclusive.contrib.django.fencing import (
 )
 
 from ..pg import django_database
+from .aliases import add_alias, remove_alias
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,19 +71,6 @@ class Database:
     vendor: str
 
 
-def _add_alias(alias: str, config: dict[str, Any]) -> None:
-    settings.DATABASES[alias] = config
-    connections.settings[alias] = connections.configure_settings(
-        {"default": dict(settings.DATABASES["default"]), alias: config}
-    )[alias]
-
-
-def _remove_alias(alias: str) -> None:
-    connections[alias].close()
-    settings.DATABASES.pop(alias, None)
-    connections.settings.pop(alias, None)
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def database(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -101,7 +88,7 @@ def database(
         libpq = {k: v for k, v in parse_qsl(urlsplit(url).query) if k != "table"}
         config = django_database(url, libpq)
         db = Database("fencing_pg", "postgresql")
-    _add_alias(db.alias, config)
+    add_alias(db.alias, config)
     connection = connections[db.alias]
     operation = fence_table_operation(FENCE_TABLE)
     try:
@@ -116,7 +103,7 @@ def database(
             editor.delete_model(Account)
             editor.delete_model(Log)
             operation.database_backwards("cex_fencing_tests", editor, state, state)
-        _remove_alias(db.alias)
+        remove_alias(db.alias)
 
 
 @pytest.fixture

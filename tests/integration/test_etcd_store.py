@@ -78,14 +78,7 @@ def test_one_renewal_batch_renews_many_leases_in_a_few_requests(etcd_url: str, p
             grant = backend.acquire(f"bulk:{i}", f"t{i}", ttl=30, limit=1, meta="{}")
             assert isinstance(grant, Grant)
         requests = [RenewRequest(f"bulk:{i}", f"t{i}", 30.0) for i in range(n)]
-        sent: list[str] = []
-        post = backend.gateway.post
-
-        def counted(path: str, payload: bytes) -> bytes:
-            sent.append(path)
-            return post(path, payload)
-
-        backend.gateway.post = counted  # type: ignore[method-assign]
+        sent = _count_requests(backend)
         assert backend.renew(requests) == [True] * n
         # One keep-alive batch (resent in part when the gateway ends its answer early), then
         # one slot check per 128 leases
