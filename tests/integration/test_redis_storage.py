@@ -26,7 +26,7 @@ def test_a_released_key_keeps_only_its_fence_counter_in_a_small_hash(
     # and fences keep rising from it
     again = redis_store.lease("job", ttl=30, auto_renew=False)
     assert again.acquire()
-    assert again.fence == lease.fence + 1  # type: ignore[operator]
+    assert again.fence > lease.fence  # type: ignore[operator]
     again.release()
 
 

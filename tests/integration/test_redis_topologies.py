@@ -5,7 +5,11 @@ from __future__ import annotations
 import threading
 import time
 
-from celery_exclusive import Store, connect
+import pytest
+
+from celery_exclusive import BackendError, Store, connect
+from celery_exclusive.backends.base import RenewRequest
+from celery_exclusive.backends.redis import RedisBackend
 from celery_exclusive.renewal import Renewer
 
 from ..servers import RedisCluster, RedisSentinel
@@ -57,4 +61,36 @@ def test_sentinel_url_finds_the_master(sentinel: RedisSentinel, prefix: str) -> 
         assert not store.lease("nightly-sync").acquire()
         assert [h.token for h in store.holders("nightly-sync")] == [lease.token]
     assert store.holders("nightly-sync") == []
+    store.close()
+
+
+def test_replicas_on_a_cluster_with_none_refuses_grants_and_renewals(
+    cluster: RedisCluster, prefix: str
+) -> None:
+    # Given leases on keys spread over the three nodes, taken without replicas
+    plain = connect(cluster.url, prefix=prefix)
+    keys = [f"spread-{i}" for i in range(12)]
+    leases = [plain.lease(k, ttl=30, auto_renew=False) for k in keys]
+    assert all(lease.acquire() for lease in leases)
+    # When a store asking for one replica's confirmation renews them, or takes a new key
+    durable = RedisBackend.from_url(cluster.url, prefix=prefix, replicas=1, replica_timeout=0.05)
+    requests = [RenewRequest(key=lease.key, token=lease.token, ttl=30.0) for lease in leases]
+    # Then each step is refused as unconfirmed (the cluster has no replica), per node
+    with pytest.raises(BackendError, match="replica"):
+        durable.renew(requests)
+    with pytest.raises(BackendError, match="replica"):
+        connect(durable).lease("new-key", ttl=30, auto_renew=False).acquire()
+    assert plain.holders("new-key") == []
+    assert all(lease.release() for lease in leases)
+    durable.close()
+    plain.close()
+
+
+def test_replicas_behind_sentinel_with_none_refuses_a_grant(
+    sentinel: RedisSentinel, prefix: str
+) -> None:
+    store = connect(sentinel.url, prefix=prefix, replicas=1, replica_timeout=0.05)
+    with pytest.raises(BackendError, match="replica"):
+        store.lease("job", ttl=30, auto_renew=False).acquire()
+    assert store.holders("job") == []
     store.close()

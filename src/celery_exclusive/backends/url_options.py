@@ -25,6 +25,7 @@ from ..exceptions import ConfigurationError
 __all__ = [
     "Converter",
     "boolean",
+    "count",
     "key_prefix",
     "parse_options",
     "positive_int",
@@ -83,14 +84,27 @@ def seconds(name: str, value: object) -> float:
 
 def positive_int(name: str, value: object) -> int:
     """An int >= 1 (an int, or its decimal text in a query)."""
-    number: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, str) and value.isascii() and value.isdigit():
-        number = int(value)
+    number = _whole(value)
     if number is None or number < 1:
         raise ConfigurationError(f"{name} must be an int >= 1, not {value!r}")
     return number
+
+
+def count(name: str, value: object) -> int:
+    """An int >= 0 (an int, or its decimal text in a query)."""
+    number = _whole(value)
+    if number is None or number < 0:
+        raise ConfigurationError(f"{name} must be an int >= 0, not {value!r}")
+    return number
+
+
+def _whole(value: object) -> int | None:
+    """An int given as one (not a bool) or as decimal digits; None for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
 
 
 def query_items(url: str) -> list[tuple[str, str]]:

@@ -28,8 +28,9 @@ from ..base import (
     LostCount,
     RenewRequest,
 )
-from .calls import Call, ScriptCalls, import_redis
-from .url import OWN_OPTIONS, build_client, parse_url
+from ..url_options import count, seconds
+from .calls import DEFAULT_REPLICA_TIMEOUT, Call, ScriptCalls, import_redis
+from .url import OWN_OPTIONS, build_client, check_replica_timeout, parse_url
 
 __all__ = [
     "LOST_COUNTS_TTL_MS",
@@ -83,6 +84,11 @@ class RedisBackend(ScriptCalls, Backend):
 
         store = connect("redis://localhost:6379/0")
         store = connect(redis.Redis(...))          # or redis.cluster.RedisCluster(...)
+
+    ``replicas=N``: each grant and renewal is confirmed by ``N`` replicas (``WAIT``) within
+    ``replica_timeout`` seconds before it counts; a grant they do not confirm is given back and
+    raises :class:`~celery_exclusive.BackendError`, a renewal they do not confirm raises it
+    too (the renewer tries again until the lease's deadline). See ``docs/redis.md``.
     """
 
     scheme = "redis"
@@ -93,15 +99,20 @@ class RedisBackend(ScriptCalls, Backend):
         *,
         prefix: str = DEFAULT_PREFIX,
         fence_retention: float = DEFAULT_FENCE_RETENTION,
+        replicas: int = 0,
+        replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
         description: str | None = None,
     ) -> None:
         redis = import_redis()
+        self.replicas = count("replicas", replicas)
+        self.replica_timeout = seconds("replica_timeout", replica_timeout)
         self.client: Any = client  # redis.Redis or redis.cluster.RedisCluster
         self.prefix = prefix
         self.fence_retention_ms = int(fence_retention * 1000)
         self._description = description or "redis"
         self._cluster = isinstance(client, redis.cluster.RedisCluster)
         self._setup_calls(client, {name: _load_script(name) for name in SCRIPTS})
+        check_replica_timeout(self.replica_timeout, self._socket_timeout, self._description)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBackend:
@@ -110,8 +121,9 @@ class RedisBackend(ScriptCalls, Backend):
 
         Sentinel: ``redis+sentinel://[:password@]host:port[,host:port...]/service/db``.
         Cluster: ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster`` for TLS).
-        ``prefix``, ``socket_timeout`` and ``fence_retention`` are the store's options, in
-        the query or as keyword arguments (a keyword wins); other keyword ``options`` go to
+        ``prefix``, ``socket_timeout``, ``fence_retention``, ``replicas`` and
+        ``replica_timeout`` are the store's options, in the query or as keyword arguments (a
+        keyword wins); other keyword ``options`` go to
         redis-py, and so do the query's others on ``redis://``, ``rediss://`` and
         ``unix://`` (redis-py must know them). Every part is checked first
         (:func:`~celery_exclusive.backends.redis.parse_url`), before anything connects.
@@ -122,6 +134,8 @@ class RedisBackend(ScriptCalls, Backend):
             build_client(parsed, options),
             prefix=parsed.prefix,
             fence_retention=parsed.fence_retention,
+            replicas=parsed.replicas,
+            replica_timeout=parsed.replica_timeout,
             description=parsed.description,
         )
 
@@ -135,8 +149,10 @@ class RedisBackend(ScriptCalls, Backend):
     def acquire(
         self, key: str, token: str, *, ttl: float, limit: int, meta: str, wait: float = 0.0
     ) -> Grant | Conflict:
-        reply = self._call(*self._acquire_call(key, token, ttl, limit, meta, wait))
-        return self._granted(key, limit, reply)
+        call = self._acquire_call(key, token, ttl, limit, meta, wait)
+        if self.replicas:
+            return self._confirmed_grant(key, token, limit, self._confirmed_calls([call]))
+        return self._granted(key, limit, self._call(*call))
 
     def take_over(
         self,
@@ -152,6 +168,9 @@ class RedisBackend(ScriptCalls, Backend):
         # Both scripts in one round trip (the fast path pipelines them).
         hand_over = ("hand_over", [self._k(key, "lease")], [old_token, token, _ms(ttl), meta])
         acquire = self._acquire_call(key, token, ttl, limit, meta, wait)
+        if self.replicas:
+            replies = self._confirmed_calls([hand_over, acquire])
+            return self._confirmed_grant(key, token, limit, replies[1:])
         replies = self._call_all([hand_over, acquire])
         return self._granted(key, limit, replies[1])
 
@@ -164,6 +183,32 @@ class RedisBackend(ScriptCalls, Backend):
 
     def _release_call(self, key: str, token: str) -> Call:
         return "release", [self._k(key, "lease"), self._k(key, "signal")], [token, SIGNAL_TTL_MS]
+
+    def _confirmed_calls(self, calls: Sequence[Call]) -> list[Any]:
+        """The calls' replies, then how many replicas confirmed them (see ``_confirmed``)."""
+        return self._confirmed(calls, self.replicas, self.replica_timeout)
+
+    def _unconfirmed(self, what: str, acked: int) -> BackendError:
+        return BackendError(
+            f"{what} on {self._description} was not confirmed by {self.replicas} replica(s) "
+            f"within {self.replica_timeout:g} s ({acked} did)"
+        )
+
+    def _confirmed_grant(
+        self, key: str, token: str, limit: int, replies: Sequence[Any]
+    ) -> Grant | Conflict:
+        """Read an acquire's reply followed by ``WAIT``'s: a grant too few replicas confirmed
+        is given back (a new one; a re-entered one was confirmed before) and raises."""
+        result = self._granted(key, limit, replies[0])
+        acked = int(replies[1])
+        if isinstance(result, Conflict) or acked >= self.replicas:
+            return result
+        if not result.reentered:
+            try:
+                self.release(key, token)
+            except BackendError:  # it expires at its ttl; nobody believes it held
+                logger.warning("giving back an unconfirmed grant of %r failed", key, exc_info=True)
+        raise self._unconfirmed(f"the grant of {key!r}", acked)
 
     @staticmethod
     def _granted(key: str, limit: int, reply: Any) -> Grant | Conflict:
@@ -214,13 +259,33 @@ class RedisBackend(ScriptCalls, Backend):
             args += [ms, retention]
             calls.append(([self._k(requests[i].key, "lease") for i in batch], args))
         try:
-            for (_, batch), reply in zip(batches, self._pipelined("renew", calls), strict=True):
+            if self.replicas:
+                replies = self._confirmed_renewals(calls)
+            else:
+                replies = self._pipelined("renew", calls)
+            for (_, batch), reply in zip(batches, replies, strict=True):
                 flags = reply.decode() if isinstance(reply, bytes) else str(reply)
                 for i, flag in zip(batch, flags, strict=True):
                     results[i] = flag == "1"
         except self._errors as exc:
             raise BackendError(f"renew on {self._description} failed: {exc}") from exc
         return results
+
+    def _confirmed_renewals(self, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Renewal scripts with ``WAIT`` after them: one pipeline per node (one in all, but on
+        a Cluster); raises BackendError unless the replicas confirmed every one."""
+        by_node: dict[str, list[int]] = {}
+        for i, (keys, _) in enumerate(calls):
+            node = self.client.get_node_from_key(keys[0]).name if self._cluster else ""
+            by_node.setdefault(node, []).append(i)
+        replies: list[Any] = [None] * len(calls)
+        for indexes in by_node.values():
+            got = self._confirmed_calls([("renew", *calls[i]) for i in indexes])
+            if int(got[-1]) < self.replicas:
+                raise self._unconfirmed(f"the renewal of {len(indexes)} lease(s)", int(got[-1]))
+            for i, reply in zip(indexes, got, strict=False):
+                replies[i] = reply
+        return replies
 
     def wait(self, key: str, timeout: float) -> bool:
         if timeout <= 0:
@@ -320,8 +385,13 @@ class RedisBackend(ScriptCalls, Backend):
         self, key: str, token: str, new_token: str, ttl: float, *, meta: str | None = None
     ) -> bool:
         args = [token, new_token, _ms(ttl)] + ([] if meta is None else [meta])
-        reply = self._call("hand_over", [self._k(key, "lease")], args)
-        return bool(int(reply))
+        call: Call = ("hand_over", [self._k(key, "lease")], args)
+        if not self.replicas:
+            return bool(int(self._call(*call)))
+        moved, acked = self._confirmed_calls([call])
+        if int(moved) and int(acked) < self.replicas:
+            raise self._unconfirmed(f"the hand-over of {key!r}", int(acked))
+        return bool(int(moved))
 
     def waiting(self, keys: Sequence[str]) -> list[bool] | None:
         # "#w" is the latest time a refused caller said it waits until (see acquire.lua): it

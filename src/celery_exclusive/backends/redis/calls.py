@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 #: its renewal sender this long (the loss itself is reported at the lease's deadline anyway).
 DEFAULT_SOCKET_TIMEOUT = 10.0
 
+#: How long a grant or renewal waits for its replicas by default (``replicas=N``), in seconds.
+DEFAULT_REPLICA_TIMEOUT = 1.0
+
 #: One script call: the script's name, its KEYS and its ARGV.
 Call = tuple[str, list[str], list[Any]]
 
@@ -158,6 +161,40 @@ class ScriptCalls:
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
+        return replies
+
+    def _confirmed(self, calls: Sequence[Call], replicas: int, timeout: float) -> list[Any]:
+        """Run script calls on one connection, then ``WAIT replicas`` on it (``replicas=N``).
+
+        Returns the calls' replies and, last, how many replicas acknowledged every write made
+        on that connection so far. On a Cluster every call's keys must be on one node: the
+        calls go to that node's own client (a cluster pipeline cannot route ``WAIT``). One
+        round trip, plus the wait; never the fast path (its connections are shared by calls
+        whose writes ``WAIT`` would wait for too).
+        """
+        client = self.client
+        if self._cluster:
+            client = client.get_redis_connection(client.get_node_from_key(calls[0][1][0]))
+
+        def send() -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for name, keys, args in calls:
+                pipe.evalsha(self._shas[name], len(keys), *keys, *args)
+            pipe.execute_command("WAIT", replicas, max(1, round(timeout * 1000)))
+            return list(pipe.execute(raise_on_error=False))
+
+        try:
+            replies = send()
+            if any(isinstance(reply, self._no_script) for reply in replies):
+                for name in {name for name, _, _ in calls}:  # a restarted or flushed server
+                    client.script_load(self._sources[name])
+                replies = send()
+        except self._errors as exc:
+            what = calls[0][0]
+            raise BackendError(f"{what} on {self._description} failed: {exc}") from exc
+        for name, reply in zip([c[0] for c in calls] + ["WAIT"], replies, strict=True):
+            if isinstance(reply, Exception):
+                raise BackendError(f"{name} on {self._description} failed: {reply}") from reply
         return replies
 
     # -- a call whose answer is read later -----------------------------------------------

@@ -20,16 +20,23 @@ from urllib.parse import SplitResult, quote, unquote, urlencode, urlsplit
 
 from ...exceptions import BackendError, ConfigurationError
 from ..base import DEFAULT_FENCE_RETENTION, DEFAULT_PREFIX, redact_url
-from ..url_options import Converter, key_prefix, parse_options, query_items, seconds
-from .calls import DEFAULT_SOCKET_TIMEOUT, import_redis
+from ..url_options import Converter, count, key_prefix, parse_options, query_items, seconds
+from .calls import DEFAULT_REPLICA_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, import_redis
 
-__all__ = ["OWN_OPTIONS", "SENTINEL_OPTIONS", "RedisURL", "build_client", "parse_url"]
+__all__ = [
+    "OWN_OPTIONS",
+    "SENTINEL_OPTIONS",
+    "RedisURL",
+    "build_client",
+    "check_replica_timeout",
+    "parse_url",
+]
 
 _SENTINEL_SCHEMES = frozenset({"redis+sentinel", "rediss+sentinel", "sentinel"})
 _CLUSTER_SCHEMES = frozenset({"redis+cluster", "rediss+cluster"})
 _PLAIN_SCHEMES = frozenset({"redis", "rediss", "unix"})
 #: Options the store reads itself, on every Redis scheme: in the query or as keywords.
-OWN_OPTIONS = ("prefix", "socket_timeout", "fence_retention")
+OWN_OPTIONS = ("prefix", "socket_timeout", "fence_retention", "replicas", "replica_timeout")
 #: Query parameters of a Sentinel URL besides ours.
 SENTINEL_OPTIONS = ("service_name", "db", "sentinel_password")
 
@@ -38,11 +45,15 @@ _OPTIONS: dict[str, Converter] = {
     "prefix": key_prefix,
     "socket_timeout": seconds,
     "fence_retention": seconds,
+    "replicas": count,
+    "replica_timeout": seconds,
 }
 _DEFAULTS = {
     "prefix": DEFAULT_PREFIX,
     "socket_timeout": DEFAULT_SOCKET_TIMEOUT,
     "fence_retention": DEFAULT_FENCE_RETENTION,
+    "replicas": 0,
+    "replica_timeout": DEFAULT_REPLICA_TIMEOUT,
 }
 
 
@@ -50,10 +61,10 @@ _DEFAULTS = {
 class RedisURL:
     """A Redis store URL, parsed and checked: nothing is connected.
 
-    ``prefix``, ``socket_timeout`` and ``fence_retention`` are the store's options (a keyword
-    argument's, else the query's, else the default). ``query`` holds the parameters left for
-    redis-py (plain schemes only), as given; ``url`` is the URL redis-py gets (plain schemes:
-    the query without the store's options).
+    ``prefix``, ``socket_timeout``, ``fence_retention``, ``replicas`` and ``replica_timeout``
+    are the store's options (a keyword argument's, else the query's, else the default).
+    ``query`` holds the parameters left for redis-py (plain schemes only), as given; ``url``
+    is the URL redis-py gets (plain schemes: the query without the store's options).
     """
 
     scheme: str
@@ -62,6 +73,10 @@ class RedisURL:
     socket_timeout: float
     fence_retention: float
     db: int
+    #: Replicas that must confirm each grant and renewal (``WAIT``); 0: none.
+    replicas: int = 0
+    #: How long a grant or renewal waits for them, in seconds.
+    replica_timeout: float = DEFAULT_REPLICA_TIMEOUT
     hosts: tuple[tuple[str, int], ...] = ()
     service: str = ""
     password: str | None = field(default=None, repr=False)
@@ -100,6 +115,7 @@ def parse_url(url: str, **options: Any) -> RedisURL:
         keywords=options,
         foreign=foreign,
     )
+    check_replica_timeout(ours["replica_timeout"], ours["socket_timeout"], shown)
     query = dict(rest)  # the last one wins, as in redis-py
     common: dict[str, Any] = {"scheme": scheme, "description": shown, **ours}
     if scheme in _SENTINEL_SCHEMES:
@@ -107,6 +123,17 @@ def parse_url(url: str, **options: Any) -> RedisURL:
     if scheme in _CLUSTER_SCHEMES:
         return _parse_cluster(parts, query, common)
     return _parse_plain(parts, query, common)
+
+
+def check_replica_timeout(timeout: float, socket_timeout: float | None, shown: str) -> None:
+    """Refuse a ``replica_timeout`` the socket timeout would cut short: ``WAIT`` blocks the
+    connection that long, and a read timed out would be taken for a broken server."""
+    if socket_timeout is not None and timeout >= socket_timeout:
+        raise _bad(
+            shown,
+            f"replica_timeout ({timeout:g} s) must be shorter than socket_timeout "
+            f"({socket_timeout:g} s)",
+        )
 
 
 def _parse_sentinel(parts: SplitResult, query: dict[str, str], common: dict[str, Any]) -> RedisURL:
@@ -300,13 +327,13 @@ def _sentinel_client(parsed: RedisURL, kwargs: dict[str, Any]) -> Any:
     sentinel_kwargs = {"socket_timeout": kwargs["socket_timeout"]}
     if parsed.sentinel_password:
         sentinel_kwargs["password"] = parsed.sentinel_password
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # untyped before redis-py 8.2
         parsed.hosts,
         sentinel_kwargs=sentinel_kwargs,
         ssl=parsed.scheme.startswith("rediss"),
         **kwargs,
     )
-    return sentinel.master_for(  # type: ignore[no-untyped-call]
+    return sentinel.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         parsed.service, db=parsed.db, password=parsed.password
     )
 

@@ -17,8 +17,10 @@
 --         on a conflict;
 --         {-1, the key's limit} when other live holders hold the key under another limit
 --         (a key's limit is set by its first grant and kept while anyone holds it).
--- Expired holders are removed on the way. The fence counter is seeded from the server clock
--- in microseconds when it is (re)created, so fences keep rising even after the hash expired.
+-- Expired holders are removed on the way. A grant's fence is the counter plus one, or the
+-- server clock in microseconds if that is higher: fences keep rising after the hash expired,
+-- and after a failover to a replica that missed the last grants (its counter is behind, its
+-- clock is not), so a fence is never handed out twice.
 -- Numbers are written with string.format('%d'): Lua's default number-to-string keeps only
 -- 14 significant digits, which would corrupt a 16-digit fence.
 local t = redis.call('TIME')
@@ -26,6 +28,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 local entries = redis.call('HGETALL', KEYS[1])
 local limit = tonumber(ARGV[3])
+local last = 0
 local keylimit = nil
 local live = 0
 local soonest = nil
@@ -35,6 +38,8 @@ for i = 1, #entries, 2 do
   local tok, val = entries[i], entries[i + 1]
   if tok == '#l' then
     keylimit = tonumber(val)
+  elseif tok == '#f' then
+    last = tonumber(val)
   elseif string.byte(tok, 1) ~= 35 then  -- not another "#" bookkeeping field
     local exp = tonumber(string.match(val, '^(%d+)|'))
     if exp <= now then
@@ -73,15 +78,8 @@ if live >= limit then
   for i = 1, #holders do reply[#reply + 1] = holders[i] end
   return reply
 end
-local fence = redis.call('HINCRBY', KEYS[1], '#f', 1)
-if fence == 1 then
-  fence = t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('HSET', KEYS[1], '#f', fence, '#l', ARGV[3], ARGV[1],
-    string.format('%d|%s|%d|%d|', now + ttl, fence, now, now) .. ARGV[4])
-  fence = tonumber(fence)
-else
-  redis.call('HSET', KEYS[1], '#l', ARGV[3], ARGV[1],
-    string.format('%d|%d|%d|%d|', now + ttl, fence, now, now) .. ARGV[4])
-end
+local fence = math.max(last + 1, tonumber(t[1]) * 1000000 + tonumber(t[2]))
+redis.call('HSET', KEYS[1], '#f', string.format('%d', fence), '#l', ARGV[3], ARGV[1],
+  string.format('%d|%d|%d|%d|', now + ttl, fence, now, now) .. ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return {1, fence, 0}
