@@ -19,8 +19,12 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
+import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,11 +71,114 @@ def _resume_then_cleanup(server: RedisServer) -> None:
     server.cleanup()
 
 
+class DelayRelay:
+    """A TCP relay from a replica to its master that delays what the master sends by ``lag``.
+
+    What the master sends is held here for ``lag_ms`` before the replica gets it, the way a
+    busy replica or a slow link leaves a replica behind; what the replica sends (its ACKs) goes
+    through at once. When the master dies, what the relay still holds is dropped, as a dead
+    master's unsent output is: those writes never reach the replica. Loopback alone leaves a
+    window of microseconds between a master's reply and its replica's copy.
+    """
+
+    def __init__(self, target_port: int, lag_ms: float) -> None:
+        self.target_port = target_port
+        self.lag = lag_ms / 1000.0
+        self.port = free_port()
+        self.dropped = 0  # bytes held when the master went away
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.settimeout(0.2)
+        self._closed = threading.Event()
+        self._sockets: list[socket.socket] = [self._listener]
+        self._threads = [threading.Thread(target=self._accept, name="relay", daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                down, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                up = socket.create_connection(("127.0.0.1", self.target_port), timeout=2)
+            except OSError:
+                down.close()
+                continue
+            up.settimeout(None)
+            self._sockets += [down, up]
+            held: deque[tuple[float, bytes]] = deque()
+            ready = threading.Condition()
+            jobs: list[tuple[Any, tuple[Any, ...]]] = [
+                (self._pump, (down, up)),
+                (self._hold, (up, held, ready)),
+                (self._send_due, (down, held, ready)),
+            ]
+            for target, args in jobs:
+                thread = threading.Thread(target=target, args=args, name="relay", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def _hold(
+        self, up: socket.socket, held: deque[tuple[float, bytes]], ready: threading.Condition
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := up.recv(65536):
+                with ready:
+                    held.append((time.monotonic() + self.lag, data))
+                    ready.notify()
+        with ready:  # the master is gone: what it sent and the replica did not get is lost
+            self.dropped += sum(len(d) for _, d in held)
+            held.clear()
+            held.append((0.0, b""))  # tells the sender to close the replica's side
+            ready.notify()
+
+    def _send_due(
+        self, down: socket.socket, held: deque[tuple[float, bytes]], ready: threading.Condition
+    ) -> None:
+        while not self._closed.is_set():
+            with ready:
+                if not held:
+                    ready.wait(0.2)
+                    continue
+                due, data = held[0]
+                wait = due - time.monotonic()
+                if wait > 0:
+                    ready.wait(wait)
+                    continue
+                held.popleft()
+            if not data:
+                break
+            try:
+                down.sendall(data)
+            except OSError:
+                break
+        with contextlib.suppress(OSError):
+            down.close()
+
+    def close(self) -> None:
+        """Stop relaying and close every socket."""
+        self._closed.set()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+        for thread in self._threads:
+            thread.join(2)
+
+
 class SentinelGroup:
     """A master, one replica and three Sentinels watching them as ``mymaster`` (quorum 2).
 
     ``bind`` adds addresses (besides 127.0.0.1) the data nodes listen on. A failover takes
     about ``down_after_ms`` plus one Sentinel election (a second or two on loopback).
+    ``lag_ms``: the replica follows its master through a :class:`DelayRelay` of that lag.
     """
 
     def __init__(
@@ -79,9 +186,16 @@ class SentinelGroup:
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 3000,
         bind: Sequence[str] = (),
+        lag_ms: float = 0.0,
     ) -> None:
         self.down_after_ms = down_after_ms
-        self.failover_timeout_ms = failover_timeout_ms
+        # A Sentinel points a replica that follows another address than the master's (our
+        # relay) straight at the master, once its configuration is failover-timeout old.
+        self.failover_timeout_ms = (
+            max(failover_timeout_ms, 120_000) if lag_ms else (failover_timeout_ms)
+        )
+        self.lag_ms = lag_ms
+        self.relays: list[DelayRelay] = []
         self.bind = ["127.0.0.1", *bind]
         self.nodes = [RedisServer(*self._bind_args()), RedisServer(*self._bind_args())]
         self.sentinel_ports = [free_port() for _ in range(3)]
@@ -111,7 +225,7 @@ class SentinelGroup:
     def _start(self) -> SentinelGroup:
         master, replica = self.nodes
         master.start()
-        replica.extra += ["--replicaof", "127.0.0.1", str(master.port)]
+        replica.extra += ["--replicaof", "127.0.0.1", str(self._upstream(master))]
         replica.start()
         wait_until(lambda: self._in_sync(replica), 20, "the replica to sync")
         for i, port in enumerate(self.sentinel_ports):
@@ -141,6 +255,19 @@ class SentinelGroup:
 
         wait_until(ready, 30, "the Sentinels to see the replica and each other", step=0.1)
         return self
+
+    def _upstream(self, master: RedisServer) -> int:
+        """The port a replica of ``master`` follows: the master's, or a new relay's."""
+        if not self.lag_ms:
+            return master.port
+        relay = DelayRelay(master.port, self.lag_ms)
+        self.relays.append(relay)
+        return relay.port
+
+    def lagging(self, replica: RedisServer) -> bool:
+        """Whether ``replica`` follows its master through a relay (not straight)."""
+        port = int(_info(replica.port, "replication").get("master_port", 0))
+        return any(r.port == port for r in self.relays)
 
     @staticmethod
     def _in_sync(replica: RedisServer) -> bool:
@@ -200,7 +327,7 @@ class SentinelGroup:
         """Start the killed ``old`` master again as a replica of the current master."""
         master = self.master()
         _kill(old)
-        old.extra = [*self._bind_args(), "--replicaof", "127.0.0.1", str(master.port)]
+        old.extra = [*self._bind_args(), "--replicaof", "127.0.0.1", str(self._upstream(master))]
         old.start()
         wait_until(lambda: self._in_sync(old), timeout, "the old master to sync as a replica")
 
@@ -215,6 +342,8 @@ class SentinelGroup:
                 embedded.stop_process(proc)
         for node in self.nodes:
             _resume_then_cleanup(node)
+        for relay in self.relays:
+            relay.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

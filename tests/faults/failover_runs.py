@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,10 @@ WORKER = str(Path(__file__).with_name("failover_worker.py"))
 #: would make each run wait that long on a paused master).
 SOCKET_TIMEOUT = 1.0
 
+#: With ``replicas``: how long a grant or renewal waits for its confirmation (the store
+#: wants it shorter than the socket timeout).
+REPLICA_TIMEOUT = 0.5
+
 #: How often the prober tries the held keys and a fresh key.
 PROBE_EVERY = 0.025
 
@@ -62,8 +67,13 @@ Record = dict[str, Any]
 
 
 def store_url(base: str, replicas: int = 0) -> str:
-    """``base`` with the runs' socket timeout, and ``?replicas=N`` when ``replicas`` > 0."""
-    query: dict[str, object] = {"socket_timeout": SOCKET_TIMEOUT}
+    """``base`` with the runs' socket and replica timeouts, and ``?replicas=N`` when
+    ``replicas`` > 0."""
+    # replica_timeout even without replicas: its default (1 s) must be below socket_timeout.
+    query: dict[str, object] = {
+        "socket_timeout": SOCKET_TIMEOUT,
+        "replica_timeout": REPLICA_TIMEOUT,
+    }
     if replicas:
         query["replicas"] = replicas
     return f"{base}{'&' if '?' in base else '?'}{urlencode(query)}"
@@ -148,8 +158,8 @@ class Measure:
     rounds: int = 0
     holds: int = 0
     grants_just_before: int = 0  # grants in the 100 ms before the fault
-    double_holders: int = 0
-    max_overlap_ms: float = 0.0
+    double_holders: int = 0  # holds someone else was granted into (the key's two holders)
+    max_overlap_ms: float = 0.0  # the longest time such a hold went on after that grant
     repeated_fences: int = 0
     fence_regressions: int = 0
     kept: int = 0  # leases held across the fault and still held after it
@@ -166,9 +176,16 @@ class Measure:
         """Add another round's counts and times to these."""
         self.rounds += other.rounds
         for name in (
-            "holds", "grants_just_before", "double_holders", "repeated_fences",
-            "fence_regressions", "kept", "lost", "told_late", "errors",
-        ):  # fmt: skip
+            "holds",
+            "grants_just_before",
+            "double_holders",
+            "repeated_fences",
+            "fence_regressions",
+            "kept",
+            "lost",
+            "told_late",
+            "errors",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.max_overlap_ms = max(self.max_overlap_ms, other.max_overlap_ms)
         for name in ("learned_ms", "usable_ms", "failover_ms", "margin_ms"):
@@ -221,12 +238,20 @@ def analyse(measure: Measure, records: Sequence[Record], fault_ns: int) -> None:
     measure.grants_just_before += sum(
         1 for r in records if fault_ns - 100_000_000 <= r["start"] <= fault_ns
     )
-    pairs = overlapping_pairs(records)
-    measure.double_holders += len(pairs)
-    for a, b, overlap in pairs:
-        measure.max_overlap_ms = max(measure.max_overlap_ms, overlap / 1e6)
-        note = f"overlap {overlap / 1e6:.0f} ms on {a['key']}: fences {a['fence']}, {b['fence']}"
-        measure.notes.append(note)
+    # A hold others were granted into: its holder and they both believed they held the key.
+    overrun: dict[int, tuple[Record, int]] = {}
+    for first, second, _overlap in overlapping_pairs(records):
+        earlier, later = (first, second) if first["start"] <= second["start"] else (second, first)
+        seen = overrun.get(id(earlier))
+        overrun[id(earlier)] = (earlier, min(later["start"], seen[1] if seen else later["start"]))
+    measure.double_holders += len(overrun)
+    for hold, first_rival in overrun.values():
+        span = (hold["end"] - first_rival) / 1e6
+        measure.max_overlap_ms = max(measure.max_overlap_ms, span)
+        measure.notes.append(
+            f"{hold['id']} (fence {hold['fence']}) still believed it held {hold['key']!r} "
+            f"{span:.0f} ms after another was granted it"
+        )
     measure.repeated_fences += repeated_fences(records)
     measure.fence_regressions += fence_regressions(records)
     for record in records:
@@ -399,8 +424,9 @@ class Prober:
                 return
             start = time.monotonic_ns()
             end = time.monotonic_ns()
-            self.records.append({"key": key, "start": start, "end": end, "fence": lease.fence,
-                                 "id": rid})  # fmt: skip
+            self.records.append(
+                {"key": key, "start": start, "end": end, "fence": lease.fence, "id": rid}
+            )
             lease.release()
         except BackendError:
             self.errors += 1
@@ -424,6 +450,7 @@ class Plan:
     before: float = 1.0  # seconds of load before the fault
     after: float = 2.0  # seconds of load after the promotion (after the demotion: pause)
     replicated_first: bool = True  # wait for the replica to catch up before the fault
+    kill_on_grant: bool = False  # the holder starts late; the fault as soon as it holds
 
 
 def run_fault(topology: Topology, plan: Plan, replicas: int, directory: Path) -> Measure:
@@ -441,16 +468,27 @@ def run_fault(topology: Topology, plan: Plan, replicas: int, directory: Path) ->
     fresh = [n for n in mine if n.startswith("fresh-")][:20]
     out = directory / f"hammer-{prefix}.jsonl"
     holder_records: list[Record] = []
+    got: dict[str, tuple[int, int]] = {}
     with workers(directory) as started:
-        holder = None
-        if hold_keys:
-            holder = spawn(started, directory, url, prefix, "hold", "--keys",
-                           ",".join(hold_keys), "--ttl", str(plan.ttl))  # fmt: skip
-            got = {}
+
+        def start_holder() -> Worker:
+            holder = spawn(
+                started,
+                directory,
+                url,
+                prefix,
+                "hold",
+                "--keys",
+                ",".join(hold_keys),
+                "--ttl",
+                str(plan.ttl),
+            )
             for _ in hold_keys:
                 key, fence, at = holder.expect("ACQUIRED", 30).split()
                 got[key] = (int(fence), int(at))
-            holder.expect("HOLDING", 10)
+            return holder
+
+        holder = start_holder() if hold_keys and not plan.kill_on_grant else None
         hammers = [
             spawn(
                 started,
@@ -470,7 +508,7 @@ def run_fault(topology: Topology, plan: Plan, replicas: int, directory: Path) ->
                 str(i),
                 "--timeout",
                 "2",
-            )  # fmt: skip
+            )
             for i in range(plan.hammer_workers)
         ]
         for worker in hammers:
@@ -479,25 +517,29 @@ def run_fault(topology: Topology, plan: Plan, replicas: int, directory: Path) ->
             worker.send("GO")
         with Prober(url, prefix, hold_keys, fresh) as prober:
             time.sleep(plan.before)  # the load runs before the fault (a duration, not a wait)
-            if plan.replicated_first:
-                wait_replicated(victim, topology.replica_of(victim))
+            replica = topology.replica_of(victim)
+            if isinstance(topology, OnSentinel) and topology.group.lag_ms:
+                assert topology.group.lagging(replica), "the replica bypasses its relay"
+            if plan.kill_on_grant:
+                holder = start_holder()  # the fault comes as soon as it says it holds them
+            elif plan.replicated_first:
+                wait_replicated(victim, replica)
             fault = time.monotonic_ns()
-            assert victim.proc is not None
-            if plan.fault == "kill":
-                victim.proc.kill()
-                victim.proc.wait(10)
-            else:
-                victim.proc.send_signal(19)  # SIGSTOP
+            _strike(victim, plan.fault)
             try:
                 topology.wait_promoted(victim, seed_key)
             finally:
                 if plan.fault == "pause":
-                    victim.proc.send_signal(18)  # SIGCONT
+                    _strike(victim, "resume")
             measure.failover_ms.append((time.monotonic_ns() - fault) / 1e6)
-            if plan.fault == "pause":
-                topology.wait_demoted(victim)
-            wait_until(lambda: prober.fresh_grants and prober.fresh_grants[-1] > fault, 30,
-                       "a fresh grant after the fault")  # fmt: skip
+            # The old master back as a replica: by the Sentinels (paused), else restarted now
+            # (under replicas=1 with one replica, nothing is granted until it is back).
+            topology.restore(victim)
+            wait_until(
+                lambda: prober.fresh_grants and prober.fresh_grants[-1] > fault,
+                30,
+                "a fresh grant after the fault",
+            )
             time.sleep(plan.after)  # load and probes after the failover (a duration)
             for worker in hammers:
                 worker.send("STOP")
@@ -505,15 +547,26 @@ def run_fault(topology: Topology, plan: Plan, replicas: int, directory: Path) ->
                 _holds, errors = worker.expect("DONE", 30).split()
                 measure.errors += int(errors)
             if holder is not None:
+                holder.expect("HOLDING", 10)
                 holder_records = _finish_holder(holder, got, measure)
+        measure.errors += prober.errors
         after = [t for t in prober.fresh_grants if t > fault]
         measure.usable_ms.append((after[0] - fault) / 1e6)
         records = prober.records + holder_records
     if out.exists():
         records += [json.loads(line) for line in out.read_text().splitlines() if line]
     analyse(measure, records, fault)
-    topology.restore(victim)
     return measure
+
+
+def _strike(victim: RedisServer, how: str) -> None:
+    """SIGKILL (``kill``), SIGSTOP (``pause``) or SIGCONT (``resume``) the victim."""
+    assert victim.proc is not None
+    if how == "kill":
+        victim.proc.kill()
+        victim.proc.wait(10)
+    else:
+        victim.proc.send_signal(signal.SIGSTOP if how == "pause" else signal.SIGCONT)
 
 
 def _finish_holder(
@@ -541,8 +594,16 @@ def _finish_holder(
     records = []
     for key, (fence, start) in got.items():
         end = lost_at.get(key, released[key])
-        records.append({"key": key, "start": start, "end": end, "fence": fence,
-                        "id": f"holder:{key}", "lost_at": lost_at.get(key)})  # fmt: skip
+        records.append(
+            {
+                "key": key,
+                "start": start,
+                "end": end,
+                "fence": fence,
+                "id": f"holder:{key}",
+                "lost_at": lost_at.get(key),
+            }
+        )
     return records
 
 
@@ -560,8 +621,18 @@ def run_partition(
     inside = store_url(f"redis://{netns.host_ip}:{redis_server.port}/0")
     here = store_url(redis_server.url)
     with workers(directory) as started:
-        holder = spawn(started, directory, inside, prefix, "hold", "--keys", "job",
-                       "--ttl", str(ttl), netns=netns)  # fmt: skip
+        holder = spawn(
+            started,
+            directory,
+            inside,
+            prefix,
+            "hold",
+            "--keys",
+            "job",
+            "--ttl",
+            str(ttl),
+            netns=netns,
+        )
         _key, fence, at = holder.expect("ACQUIRED", 30).split()
         holder.expect("HOLDING", 10)
         records: list[Record] = []
@@ -576,8 +647,16 @@ def run_partition(
             granted = time.monotonic_ns()
             lost_line = holder.expect("LOST", 10)
             lost = int(lost_line.split()[1])
-            records.append({"key": "job", "start": int(at), "end": lost, "fence": int(fence),
-                            "id": "partitioned", "lost_at": lost})  # fmt: skip
+            records.append(
+                {
+                    "key": "job",
+                    "start": int(at),
+                    "end": lost,
+                    "fence": int(fence),
+                    "id": "partitioned",
+                    "lost_at": lost,
+                }
+            )
             measure.usable_ms.append((granted - cut) / 1e6)
             netns.heal()
             holder.send("STATUS")
@@ -585,17 +664,24 @@ def run_partition(
             holder.send("RELEASE")
             measure.notes.append("release after heal: " + holder.expect("RELEASED", 20).split()[1])
             end = time.monotonic_ns()
-            records.append({"key": "job", "start": granted, "end": end, "fence": rival.fence,
-                            "id": "rival"})  # fmt: skip
+            records.append(
+                {"key": "job", "start": granted, "end": end, "fence": rival.fence, "id": "rival"}
+            )
             assert rival.held, f"the rival lost the key: {rival.lost_reason}"
             rival.release()
             holder.send("ACQUIRE")
             again = holder.expect("ACQUIRE", 20).split()
             measure.notes.append(f"holder takes it again after heal: {again[1]}")
             if again[1] == "True":
-                records.append({"key": "job", "start": time.monotonic_ns(),
-                                "end": time.monotonic_ns(), "fence": int(again[2]),
-                                "id": "again"})  # fmt: skip
+                records.append(
+                    {
+                        "key": "job",
+                        "start": time.monotonic_ns(),
+                        "end": time.monotonic_ns(),
+                        "fence": int(again[2]),
+                        "id": "again",
+                    }
+                )
         finally:
             store.close()
         holder.send("EXIT")
@@ -615,10 +701,18 @@ def _ms(values: Sequence[float]) -> str:
 
 
 COLUMNS = (
-    "scenario", "replicas", "runs", "holds", "grants <100 ms before",
-    "double holders", "repeated fences", "kept / lost", "told of loss (ms)",
-    "failover (ms)", "usable again (ms)",
-)  # fmt: skip
+    "scenario",
+    "replicas",
+    "runs",
+    "holds",
+    "grants <100 ms before",
+    "double holders",
+    "repeated fences",
+    "kept / lost",
+    "told of loss (ms)",
+    "failover (ms)",
+    "usable again (ms)",
+)
 
 
 def table(measures: Sequence[Measure]) -> str:
@@ -629,9 +723,17 @@ def table(measures: Sequence[Measure]) -> str:
         if m.double_holders:
             doubles += f" (max {m.max_overlap_ms:.0f} ms)"
         cells = [
-            m.scenario, str(m.replicas) if m.replicas else "off", str(m.rounds), str(m.holds),
-            str(m.grants_just_before), doubles, str(m.repeated_fences),
-            f"{m.kept} / {m.lost}", _ms(m.learned_ms), _ms(m.failover_ms), _ms(m.usable_ms),
-        ]  # fmt: skip
+            m.scenario,
+            str(m.replicas) if m.replicas else "off",
+            str(m.rounds),
+            str(m.holds),
+            str(m.grants_just_before),
+            doubles,
+            str(m.repeated_fences),
+            f"{m.kept} / {m.lost}",
+            _ms(m.learned_ms),
+            _ms(m.failover_ms),
+            _ms(m.usable_ms),
+        ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
