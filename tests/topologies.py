@@ -323,17 +323,39 @@ class SentinelGroup:
         wait_until(promoted, timeout, f"a failover away from port {old.port}", step=0.02)
         return other
 
-    def restart_as_replica(self, old: RedisServer, timeout: float = 30.0) -> None:
+    def restart_as_replica(self, old: RedisServer, timeout: float = 60.0) -> None:
         """Start the killed ``old`` master again as a replica of the current master."""
         master = self.master()
         _kill(old)
         old.extra = [*self._bind_args(), "--replicaof", "127.0.0.1", str(self._upstream(master))]
         old.start()
-        wait_until(lambda: self._in_sync(old), timeout, "the old master to sync as a replica")
+        try:
+            wait_until(lambda: self._in_sync(old), timeout, "the old master to sync as a replica")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.explain()}") from None
 
-    def wait_demoted(self, old: RedisServer, timeout: float = 30.0) -> None:
+    def wait_demoted(self, old: RedisServer, timeout: float = 60.0) -> None:
         """Wait until a resumed old master was turned into a replica (by the Sentinels)."""
-        wait_until(lambda: self._in_sync(old), timeout, "the old master to become a replica")
+        try:
+            wait_until(lambda: self._in_sync(old), timeout, "the old master to become a replica")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.explain()}") from None
+
+    def explain(self) -> str:
+        """The nodes' replication state and the ends of every log (for a failure message)."""
+        lines = []
+        for node in self.nodes:
+            try:
+                state = str(_info(node.port, "replication"))
+            except redis.RedisError as exc:
+                state = repr(exc)
+            lines.append(f"node {node.port}: {state}")
+        logs = [Path(n.dir, "redis.log") for n in self.nodes]
+        logs += [Path(self.dir, f"sentinel-{p}.log") for p in self.sentinel_ports]
+        for log in logs:
+            with contextlib.suppress(OSError):
+                lines.append(f"--- {log}\n" + log.read_text(errors="replace")[-2500:])
+        return "\n".join(lines)
 
     def cleanup(self) -> None:
         """Stop everything (a paused node too) and remove the files."""

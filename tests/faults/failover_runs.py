@@ -692,7 +692,8 @@ def run_partition(
 # -- the table --------------------------------------------------------------------------------
 
 
-def _ms(values: Sequence[float]) -> str:
+def summary(values: Sequence[float]) -> str:
+    """``median (min-max)`` of ``values`` in whole ms, or ``-``."""
     if not values:
         return "-"
     if len(values) == 1:
@@ -731,9 +732,9 @@ def table(measures: Sequence[Measure]) -> str:
             doubles,
             str(m.repeated_fences),
             f"{m.kept} / {m.lost}",
-            _ms(m.learned_ms),
-            _ms(m.failover_ms),
-            _ms(m.usable_ms),
+            summary(m.learned_ms),
+            summary(m.failover_ms),
+            summary(m.usable_ms),
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
