@@ -341,6 +341,16 @@ class SentinelGroup:
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n{self.explain()}") from None
 
+    def reroute(self, replica: RedisServer, timeout: float = 60.0) -> None:
+        """Send ``replica`` through a new relay to the master again (with ``lag_ms``), after
+        the Sentinels pointed it straight at the master (as they do to an old master that
+        comes back)."""
+        if not self.lag_ms or self.lagging(replica):
+            return
+        with replica.client() as c:
+            c.replicaof("127.0.0.1", self._upstream(self.master()))
+        wait_until(lambda: self._in_sync(replica), timeout, "the replica to follow its relay")
+
     def explain(self) -> str:
         """The nodes' replication state and the ends of every log (for a failure message)."""
         lines = []

@@ -308,6 +308,7 @@ class OnSentinel:
     def restore(self, victim: RedisServer) -> None:
         if victim.proc is not None and victim.proc.poll() is None:
             self.group.wait_demoted(victim)
+            self.group.reroute(victim)
         else:
             self.group.restart_as_replica(victim)
 
@@ -588,8 +589,8 @@ def _finish_holder(
     for line in holder.seen:
         word, *rest = line.split(" ", 3)
         if word in ("LOST", "NOT_HELD"):
-            key, at = rest[0], int(rest[1])
-            lost_at[key] = min(lost_at.get(key, at), at)
+            when = int(rest[1])
+            lost_at[rest[0]] = min(lost_at.get(rest[0], when), when)
     measure.kept += sum(held.values())
     records = []
     for key, (fence, start) in got.items():

@@ -96,9 +96,10 @@ def run_matrix(
                         started = time.monotonic()
                         one = run_fault(topology, scenario.plan, n, directory)
                         total.add(one)
+                        took = time.monotonic() - started
                         log(
-                            f"{name} replicas={n} round {i + 1}: {time.monotonic() - started:.0f} s, "
-                            f"double holders {one.double_holders}, kept/lost {one.kept}/{one.lost}"
+                            f"{name} replicas={n} round {i + 1}: {took:.0f} s, double holders "
+                            f"{one.double_holders}, kept/lost {one.kept}/{one.lost}"
                         )
                     results.append(total)
         finally:

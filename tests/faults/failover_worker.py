@@ -139,12 +139,11 @@ def hammer(args: argparse.Namespace) -> int:
                 break
             key = rng.choice(keys)
             lost_at: list[int] = []
-            lease = store.lease(
-                key,
-                ttl=args.ttl,
-                meta={"i": i},
-                on_lost=lambda _lease, _reason, seen=lost_at: seen.append(time.monotonic_ns()),
-            )
+
+            def on_lost(_lease: Lease, _reason: str, seen: list[int] = lost_at) -> None:
+                seen.append(time.monotonic_ns())
+
+            lease = store.lease(key, ttl=args.ttl, meta={"i": i}, on_lost=on_lost)
             record: dict[str, Any] = {"key": key, "id": f"{pid}:{i}", "pid": pid}
             record["requested"] = time.monotonic_ns()
             try:
