@@ -390,7 +390,7 @@ class Prober:
         self.keys = list(keys)
         self.fresh = list(fresh)
         self.records: list[Record] = []
-        self.fresh_grants: list[int] = []
+        self.fresh_grants: list[tuple[int, int]] = []  # (asked, granted) of each fresh key
         self.errors = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="prober", daemon=True)
@@ -413,9 +413,10 @@ class Prober:
             if self.fresh:
                 # A new key each time: a grant whose answer was lost cannot block the next.
                 lease = self.store.lease(self.fresh[i % len(self.fresh)] + f"-{i}", ttl=5)
+                asked = time.monotonic_ns()
                 with contextlib.suppress(BackendError):
                     if lease.acquire():
-                        self.fresh_grants.append(time.monotonic_ns())
+                        self.fresh_grants.append((asked, time.monotonic_ns()))
                         lease.release()
 
     def _try(self, key: str, rid: str) -> None:
@@ -537,7 +538,7 @@ def run_fault(topology: Topology, plan: Plan, replicas: int, directory: Path) ->
             # (under replicas=1 with one replica, nothing is granted until it is back).
             topology.restore(victim)
             wait_until(
-                lambda: prober.fresh_grants and prober.fresh_grants[-1] > fault,
+                lambda: prober.fresh_grants and prober.fresh_grants[-1][0] > fault,
                 30,
                 "a fresh grant after the fault",
             )
@@ -551,7 +552,8 @@ def run_fault(topology: Topology, plan: Plan, replicas: int, directory: Path) ->
                 holder.expect("HOLDING", 10)
                 holder_records = _finish_holder(holder, got, measure)
         measure.errors += prober.errors
-        after = [t for t in prober.fresh_grants if t > fault]
+        # The first grant asked for after the fault (one asked before may be answered after)
+        after = [granted for asked, granted in prober.fresh_grants if asked > fault]
         measure.usable_ms.append((after[0] - fault) / 1e6)
         records = prober.records + holder_records
     if out.exists():
