@@ -526,8 +526,10 @@ def run_fault(topology: Topology, plan: Plan, replicas: int, directory: Path) ->
                 holder = start_holder()  # the fault comes as soon as it says it holds them
             elif plan.replicated_first:
                 wait_replicated(victim, replica)
-            fault = time.monotonic_ns()
             _strike(victim, plan.fault)
+            # After the signal landed (a killed master reaped): anything asked for from now on
+            # was asked of a dead or frozen master.
+            fault = time.monotonic_ns()
             try:
                 topology.wait_promoted(victim, seed_key)
             finally:
