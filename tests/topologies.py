@@ -192,7 +192,7 @@ class SentinelGroup:
         # A Sentinel points a replica that follows another address than the master's (our
         # relay) straight at the master, once its configuration is failover-timeout old.
         self.failover_timeout_ms = (
-            max(failover_timeout_ms, 120_000) if lag_ms else (failover_timeout_ms)
+            max(failover_timeout_ms, 120_000) if lag_ms else failover_timeout_ms
         )
         self.lag_ms = lag_ms
         self.relays: list[DelayRelay] = []
@@ -324,20 +324,38 @@ class SentinelGroup:
         return other
 
     def restart_as_replica(self, old: RedisServer, timeout: float = 60.0) -> None:
-        """Start the killed ``old`` master again as a replica of the current master."""
+        """Start the killed ``old`` master again as a replica of the current master, and wait
+        until the group is whole (:meth:`wait_whole`)."""
         master = self.master()
         _kill(old)
         old.extra = [*self._bind_args(), "--replicaof", "127.0.0.1", str(self._upstream(master))]
         old.start()
-        try:
-            wait_until(lambda: self._in_sync(old), timeout, "the old master to sync as a replica")
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}\n{self.explain()}") from None
+        self.wait_whole(timeout)
 
     def wait_demoted(self, old: RedisServer, timeout: float = 60.0) -> None:
-        """Wait until a resumed old master was turned into a replica (by the Sentinels)."""
+        """Wait until a resumed old master was turned into a replica (by the Sentinels) and
+        the group is whole."""
+        self.wait_whole(timeout)
+
+    def whole(self) -> bool:
+        """The Sentinels agree on a master that says it is one, and the other node follows it
+        in sync (a loaded machine may see a second failover, back to the old master: whole
+        all the same)."""
+        view = self.sentinel_view()
+        if len(view) != 1:
+            return False
+        master = next(n for n in self.nodes if n.port in view)
+        replica = next(n for n in self.nodes if n is not master)
+        if _info(master.port, "replication").get("role") != "master":
+            return False
+        return self._in_sync(replica)
+
+    def wait_whole(self, timeout: float = 60.0) -> None:
+        """Wait until :meth:`whole`; then put the replica behind a relay again (``lag_ms``),
+        in case the Sentinels pointed it straight at the master."""
         try:
-            wait_until(lambda: self._in_sync(old), timeout, "the old master to become a replica")
+            wait_until(self.whole, timeout, "one master and its replica in sync", step=0.05)
+            self.reroute(self.replica(), timeout)
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n{self.explain()}") from None
 

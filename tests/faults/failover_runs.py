@@ -308,7 +308,6 @@ class OnSentinel:
     def restore(self, victim: RedisServer) -> None:
         if victim.proc is not None and victim.proc.poll() is None:
             self.group.wait_demoted(victim)
-            self.group.reroute(victim)
         else:
             self.group.restart_as_replica(victim)
 

@@ -104,8 +104,12 @@ def test_failover_matrix(tmp_path: Path) -> None:
         assert m.repeated_fences == 0 and m.fence_regressions == 0, m
         assert all(0 < f < FAILOVER_BOUND_MS for f in m.failover_ms), m
         if m.replicas:
-            # An acknowledged grant is on a replica: no failover makes a second holder
-            assert m.double_holders == 0, m.notes
+            # An acknowledged grant is on a replica: no failover makes a second holder, and a
+            # lease whose renewals went unconfirmed was reported lost before anyone got it
+            assert m.double_holders == 0 and m.told_late == 0, m.notes
         if "leases held" in m.scenario:
-            # Nothing was lost (replicated before the kill): no second holder, leases kept
-            assert m.double_holders == 0 and m.lost == 0, m
+            # Nothing was lost (replicated before the kill): no second holder; without
+            # replicas=1 the leases are kept (with it, one replica, renewals wait for the old
+            # master's return and may run out of ttl first: reported lost, in time)
+            assert m.double_holders == 0, m.notes
+            assert m.replicas or m.lost == 0, m
