@@ -190,9 +190,11 @@ class SentinelGroup:
     ) -> None:
         self.down_after_ms = down_after_ms
         # A Sentinel points a replica that follows another address than the master's (our
-        # relay) straight at the master, once its configuration is failover-timeout old.
+        # relay) straight at the master once its configuration is failover-timeout old: 10 s
+        # leaves a run time to strike first. (Much longer would delay a Sentinel whose vote
+        # was split for twice as long before it tries again.)
         self.failover_timeout_ms = (
-            max(failover_timeout_ms, 120_000) if lag_ms else failover_timeout_ms
+            max(failover_timeout_ms, 10_000) if lag_ms else failover_timeout_ms
         )
         self.lag_ms = lag_ms
         self.relays: list[DelayRelay] = []
@@ -311,7 +313,7 @@ class SentinelGroup:
         assert node.proc is not None
         node.proc.send_signal(signal.SIGCONT)
 
-    def wait_promoted(self, old: RedisServer, timeout: float = 30.0) -> RedisServer:
+    def wait_promoted(self, old: RedisServer, timeout: float = 60.0) -> RedisServer:
         """Wait until every Sentinel names another node and that node says it is a master."""
         other = next(n for n in self.nodes if n is not old)
 

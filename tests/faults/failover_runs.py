@@ -460,6 +460,8 @@ def run_fault(topology: Topology, plan: Plan, replicas: int, directory: Path) ->
     prefix = f"cex-fo-{uuid.uuid4().hex[:8]}"
     url = store_url(topology.url, replicas)
     measure = Measure(plan.scenario, replicas, rounds=1)
+    if isinstance(topology, OnSentinel):  # the relay again, should the Sentinels have cut it
+        topology.group.reroute(topology.group.replica())
     seed_key = "hold-0"
     victim = topology.victim(seed_key)
     names = [f"{kind}-{i}" for kind in ("hold", "ham", "fresh") for i in range(400)]
