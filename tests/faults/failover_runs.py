@@ -410,8 +410,9 @@ class Prober:
             for key in self.keys:
                 self._try(key, f"probe:{i}")
             if self.fresh:
-                # A new key each time: a grant whose answer was lost cannot block the next.
-                lease = self.store.lease(self.fresh[i % len(self.fresh)] + f"-{i}", ttl=5)
+                # A new key each time (a grant whose answer was lost cannot block the next),
+                # on the victim's slots: a suffix of its own would move it to another shard.
+                lease = self.store.lease(self.fresh[i % len(self.fresh)], ttl=5)
                 asked = time.monotonic_ns()
                 with contextlib.suppress(BackendError):
                     if lease.acquire():
@@ -464,11 +465,13 @@ def run_fault(topology: Topology, plan: Plan, replicas: int, directory: Path) ->
         topology.group.reroute(topology.group.replica())
     seed_key = "hold-0"
     victim = topology.victim(seed_key)
-    names = [f"{kind}-{i}" for kind in ("hold", "ham", "fresh") for i in range(400)]
+    names = [f"{kind}-{i}" for kind in ("hold", "ham") for i in range(400)]
+    # The prober's fresh keys, each taken once: enough on the victim for every probe of a run
+    names += [f"fresh-{i}" for i in range(6000)]
     mine = topology.on_victim(victim, names)
     hold_keys = [n for n in mine if n.startswith("hold-")][: plan.hold_keys]
     hammer_keys = [n for n in mine if n.startswith("ham-")][: plan.hammer_keys]
-    fresh = [n for n in mine if n.startswith("fresh-")][:20]
+    fresh = [n for n in mine if n.startswith("fresh-")]
     out = directory / f"hammer-{prefix}.jsonl"
     holder_records: list[Record] = []
     got: dict[str, tuple[int, int]] = {}

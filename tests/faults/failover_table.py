@@ -76,16 +76,20 @@ def run_matrix(
     directory: Path,
     replicas: Sequence[int] = (0, 1),
     log: Callable[[str], object] = print,
+    on: Sequence[str] = ("sentinel-lag", "sentinel", "cluster"),
 ) -> list[Measure]:
-    """Every scenario, ``rounds`` times per ``replicas`` value; one Measure per pair."""
+    """Every scenario on the topologies ``on``, ``rounds`` times per ``replicas`` value; one
+    Measure per pair."""
     results: list[Measure] = []
     makers: dict[str, Callable[[], tuple[Topology, Callable[[], None]]]] = {
         "sentinel-lag": lambda: _sentinel(lag_ms),
         "sentinel": lambda: _sentinel(0.0),
         "cluster": _cluster,
     }
-    for on, make in makers.items():
-        scenarios = [s for s in SCENARIOS if s.on == on]
+    for where, make in makers.items():
+        if where not in on:
+            continue
+        scenarios = [s for s in SCENARIOS if s.on == where]
         topology, cleanup = make()
         try:
             for scenario in scenarios:
@@ -165,12 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lag-ms", type=float, default=20.0)
     parser.add_argument("--partition-ttl", type=float, default=3.0)
     parser.add_argument("--out", default="")
+    parser.add_argument(
+        "--on",
+        action="append",
+        choices=("sentinel-lag", "sentinel", "cluster"),
+        help="only these topologies (repeat the option; default: all)",
+    )
+    parser.add_argument("--no-partitions", action="store_true", help="leave the partitions out")
     args = parser.parse_args(argv)
     directory = Path(tempfile.mkdtemp(prefix="cex-failover-"))
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    measures = run_matrix(args.rounds, args.lag_ms, directory, log=log)
+    topologies = args.on or ("sentinel-lag", "sentinel", "cluster")
+    measures = run_matrix(args.rounds, args.lag_ms, directory, log=log, on=topologies)
     text = [f"Measured {machine()}; {args.rounds} run(s) per row.", "", table(measures), ""]
-    reason = netns_unavailable_reason()
+    reason = "--no-partitions" if args.no_partitions else netns_unavailable_reason()
     if reason is None:
         parts = run_partitions(args.rounds, args.partition_ttl, directory)
         text += [partition_table(parts, args.partition_ttl), ""]

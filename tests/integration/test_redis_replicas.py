@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from celery_exclusive import BackendError, ConfigurationError, Store, connect
 from celery_exclusive.backends.base import RenewRequest
@@ -22,6 +23,7 @@ from celery_exclusive.renewal import Renewer
 from ..conftest import started
 from ..faults.conftest import LostLog
 from ..servers import RedisServer, wait_until
+from ..topologies import ReplicatedCluster
 
 
 class Pair:
@@ -248,3 +250,33 @@ def test_a_lease_whose_renewals_no_replica_confirms_is_lost_before_its_deadline(
     assert store.holders("job"), "the master still holds it: only unconfirmed"
     lease.detach()
     store.close()
+
+
+def test_a_cluster_store_with_replicas_follows_a_failover(prefix: str) -> None:
+    """Grants confirmed by replicas go to each node's own client: after a shard's failover
+    the store must learn the new slot map, as redis-py's usual path does."""
+    cluster = ReplicatedCluster()
+    with started(lambda: cluster):
+        store = connect(cluster.url, prefix=prefix, replicas=1, replica_timeout=0.5)
+        key = "shard-key"
+        first = store.lease(key, ttl=30, auto_renew=False)
+        assert first.acquire()
+        assert first.release()
+        # When the master of the key's shard dies, its replica takes over, and the old master
+        # comes back as the new master's replica (so one replica can confirm again)
+        slot = key_slot(f"{prefix}:{{{key}}}:lease".encode())
+        old = cluster.owner(slot)
+        cluster.kill(old)
+        cluster.wait_promoted(slot, old)
+        cluster.restart_as_replica(old)
+        # Then the same store grants the key again, confirmed, on the new master
+
+        def granted() -> bool:
+            lease = store.lease(key, ttl=30, auto_renew=False)
+            try:
+                return lease.acquire() and lease.release()
+            except BackendError:
+                return False
+
+        wait_until(granted, 30, "a confirmed grant on the shard's new master")
+        store.close()

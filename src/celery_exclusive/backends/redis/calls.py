@@ -190,12 +190,29 @@ class ScriptCalls:
                     client.script_load(self._sources[name])
                 replies = send()
         except self._errors as exc:
+            self._learn_slots()
             what = calls[0][0]
             raise BackendError(f"{what} on {self._description} failed: {exc}") from exc
         for name, reply in zip([c[0] for c in calls] + ["WAIT"], replies, strict=True):
             if isinstance(reply, Exception):
+                self._learn_slots()
                 raise BackendError(f"{name} on {self._description} failed: {reply}") from reply
         return replies
+
+    def _learn_slots(self) -> None:
+        """On a Cluster, read the slot map again after a failed call of ``_confirmed``.
+
+        Those calls go to a node's own client, past the cluster client's handling of a dead
+        node or a ``MOVED`` answer, so they would keep going to a node that lost its slots
+        (after a failover) without this. The failed call is not repeated: its caller tries
+        again (the renewer at its next pass, a task by ``on_store_error``).
+        """
+        if not self._cluster:
+            return
+        try:
+            self.client.nodes_manager.initialize()
+        except self._errors:  # no node answers now: the next failure asks again
+            logger.debug("reading the slot map of %s failed", self._description, exc_info=True)
 
     # -- a call whose answer is read later -----------------------------------------------
 
