@@ -37,16 +37,19 @@ MAX_LINES = 10_000
 
 
 class HolderProcess:
-    """One ``holder.py`` child: send it commands, wait for its lines with a deadline."""
+    """One ``holder.py`` child: send it commands, wait for its lines with a deadline.
 
-    def __init__(self, args: list[str], stderr_path: Path) -> None:
+    ``argv``: another command to run instead (another script speaking in lines the same way).
+    """
+
+    def __init__(self, args: list[str], stderr_path: Path, argv: list[str] | None = None) -> None:
         self.args = args
         self.stderr_path = stderr_path
         self.seen: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
         with open(stderr_path, "wb") as stderr:
             self.proc = subprocess.Popen(
-                [sys.executable, HOLDER, *args],
+                argv or [sys.executable, HOLDER, *args],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=stderr,

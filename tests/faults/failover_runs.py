@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import queue
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -98,24 +95,7 @@ class Worker(HolderProcess):
 
     def __init__(self, args: list[str], stderr_path: Path, netns: Netns | None = None) -> None:
         argv = [sys.executable, WORKER, *args]
-        if netns is not None:
-            argv = netns.command(*argv)
-        self.args = args
-        self.stderr_path = stderr_path
-        self.seen: list[str] = []
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        with open(stderr_path, "wb") as stderr:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-                bufsize=1,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        self._reader = threading.Thread(target=self._read, name="worker-stdout", daemon=True)
-        self._reader.start()
+        super().__init__(args, stderr_path, netns.command(*argv) if netns is not None else argv)
 
 
 @contextlib.contextmanager
