@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import redis
 
@@ -137,33 +138,40 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def cluster_node(node_timeout_ms: int, *extra: str) -> RedisServer:
+    """A redis-server ready to join a cluster: its own ``nodes.conf``, its bus port free."""
+    node = RedisServer(
+        "--cluster-enabled", "yes",
+        "--cluster-node-timeout", str(node_timeout_ms),
+        *extra,
+        with_bus=True,
+    )  # fmt: skip
+    node.extra += ["--cluster-config-file", os.path.join(node.dir, "nodes.conf")]
+    return node
+
+
+Cluster = TypeVar("Cluster", bound="RedisCluster")
+
+
 class RedisCluster:
     """Three masters, no replicas: enough to spread keys over slots and nodes."""
 
     def __init__(self, size: int = 3) -> None:
-        self.nodes = [
-            RedisServer(
-                "--cluster-enabled",
-                "yes",
-                "--cluster-node-timeout",
-                "2000",
-                with_bus=True,
-            )
-            for _ in range(size)
-        ]
-        for node in self.nodes:
-            node.extra += ["--cluster-config-file", os.path.join(node.dir, "nodes.conf")]
+        self.nodes = [cluster_node(2000) for _ in range(size)]
 
     @property
     def url(self) -> str:
+        """The store URL naming every node."""
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
-    def start(self) -> RedisCluster:
+    def start(self: Cluster) -> Cluster:
+        """Start the nodes and make them one cluster (``_start``); on failure, stop them."""
         try:
-            return self._start()
+            self._start()
         except BaseException:
             self.cleanup()
             raise
+        return self
 
     def _start(self) -> RedisCluster:
         for node in self.nodes:

@@ -33,7 +33,7 @@ import redis
 
 from celery_exclusive import embedded
 
-from .servers import RedisServer, free_port, wait_until
+from .servers import RedisCluster, RedisServer, cluster_node, free_port, wait_until
 
 __all__ = ["Netns", "ReplicatedCluster", "SentinelGroup", "netns_unavailable_reason"]
 
@@ -399,35 +399,16 @@ class SentinelGroup:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class ReplicatedCluster:
+class ReplicatedCluster(RedisCluster):
     """A Redis Cluster of ``masters`` masters with one replica each."""
 
     def __init__(self, masters: int = 3, node_timeout_ms: int = 1000) -> None:
         self.node_timeout_ms = node_timeout_ms
-        self.nodes: list[RedisServer] = []
-        for _ in range(2 * masters):
-            node = RedisServer(
-                "--cluster-enabled", "yes",
-                "--cluster-node-timeout", str(node_timeout_ms),
-                "--cluster-replica-validity-factor", "0",
-                with_bus=True,
-            )  # fmt: skip
-            node.extra += ["--cluster-config-file", os.path.join(node.dir, "nodes.conf")]
-            self.nodes.append(node)
+        self.nodes = [
+            cluster_node(node_timeout_ms, "--cluster-replica-validity-factor", "0")
+            for _ in range(2 * masters)
+        ]
         self.masters = masters
-
-    @property
-    def url(self) -> str:
-        """The store URL naming every node."""
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
-
-    def start(self) -> ReplicatedCluster:
-        """Start the nodes, give the masters the slots, attach one replica to each."""
-        try:
-            return self._start()
-        except BaseException:
-            self.cleanup()
-            raise
 
     def _start(self) -> ReplicatedCluster:
         for node in self.nodes:
